@@ -1,0 +1,51 @@
+"""Pictures next to the numbers: reconstruction grids and code-usage histograms."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from pipelines.io import atomic_write_bytes
+
+
+def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path, per_row: int = 16) -> None:
+    """Originals in the odd rows, their reconstructions right below them."""
+    n = min(len(originals), per_row * 4)
+    rows = []
+    for start in range(0, n, per_row):
+        rows += [originals[start : start + per_row], reconstructions[start : start + per_row]]
+    save_png(torch.cat(rows).float().clamp(0, 1), path, nrow=per_row)
+
+
+def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    buffer = io.BytesIO()
+    save_image(make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0), buffer, format="png")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def save_usage_histograms(histograms: dict[str, torch.Tensor], path: Path) -> None:
+    """Sorted code-usage histograms, one panel per named histogram (a run, or a quantizer in a comparison)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .codebook import codebook_statistics
+
+    fig, axes = plt.subplots(1, len(histograms), figsize=(5 * len(histograms), 3.2), squeeze=False)
+    for ax, (name, counts) in zip(axes[0], histograms.items()):
+        stats = codebook_statistics(counts)
+        freq = (counts.double() / counts.sum()).sort(descending=True).values
+        ax.bar(range(len(freq)), freq.numpy(), width=1.0, color="tab:blue")
+        ax.axhline(1 / len(freq), color="tab:red", lw=0.8, ls="--", label="uniform")
+        ax.set_title(f"{name}: perplexity {stats['perplexity']:.1f}, usage {100 * stats['usage']:.1f}%", fontsize=9)
+        ax.set_xlabel("codes, most used first")
+        ax.set_ylabel("frequency")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())

@@ -1,0 +1,168 @@
+"""Files that survive a crash: atomic writes, and pickle-free training state (safetensors + JSON)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file '{path}' is corrupt or not a safetensors file ({err})") from None
+
+
+def write_directory_atomically(final: Path, fill) -> None:
+    """Call `fill(tmp_dir)` then rename tmp_dir to `final`, so readers see a complete folder or none."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        for child in tmp.iterdir():
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+# --- pickle-free state: nested dicts/lists of tensors and plain values -> (tensors, JSON skeleton) ---
+
+def flatten_state(obj: Any, prefix: str = "state") -> tuple[dict[str, torch.Tensor], Any]:
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[key] = node.detach().cpu().clone()
+            return {"__tensor__": key}
+        if isinstance(node, dict):
+            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")] for i, (k, v) in enumerate(node.items())]}
+        if isinstance(node, tuple):
+            return {"__tuple__": [walk(v, f"{key}.{i}") for i, v in enumerate(node)]}
+        if isinstance(node, list):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(node)]
+        if hasattr(node, "dtype") and hasattr(node, "shape") and hasattr(node, "tolist"):  # numpy arrays
+            tensors[key] = torch.from_numpy(node.copy())
+            return {"__ndarray__": key}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot store {type(node).__name__} at {key} without pickle")
+
+    return tensors, walk(obj, prefix)
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            if "__ndarray__" in node:
+                return tensors[node["__ndarray__"]].numpy()
+            if "__tuple__" in node:
+                return tuple(walk(v) for v in node["__tuple__"])
+            if "__dict__" in node:
+                return {walk(k): walk(v) for k, v in node["__dict__"]}
+            raise CheckpointError(f"unexpected entry {sorted(node)} in a stored state")
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    try:
+        return walk(skeleton)
+    except KeyError as err:
+        raise CheckpointError(f"stored state refers to tensor {err} that its safetensors file lacks") from None
+
+
+def save_state(obj: Any, directory: Path, name: str) -> None:
+    """Write `obj` as `<name>.safetensors` + `<name>.json` inside `directory`."""
+    tensors, skeleton = flatten_state(obj)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / f"{name}.safetensors"))
+    (Path(directory) / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> Any:
+    json_path = Path(directory) / f"{name}.json"
+    if not json_path.is_file():
+        raise CheckpointError(f"checkpoint '{directory}' lacks {name}.json; it is incomplete or not a checkpoint")
+    try:
+        skeleton = json.loads(json_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint file '{json_path}' is corrupt (not valid JSON)") from None
+    return unflatten_state(skeleton, load_safetensors(Path(directory) / f"{name}.safetensors"))

@@ -1,0 +1,65 @@
+"""What every quantizer shares: a codebook, nearest-codeword lookup and one call signature.
+
+`quantizer(z)` takes encoder latents (B, D, H, W) and returns a `QuantizerOutput`: straight-through quantized latents,
+code indices (B, H, W), the weighted loss terms to add to the reconstruction loss, and detached statistics.
+All of it runs in float32 whatever the surrounding autocast says.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+
+
+def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """exp(entropy) of the histogram of `indices`: codebook_size when all codes are used equally, 1 when one is."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+
+
+class Quantizer(nn.Module):
+    def __init__(self, codebook_size: int, embedding_dim: int):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.embedding_dim = embedding_dim
+        self.codebook = nn.Parameter(torch.empty(codebook_size, embedding_dim).uniform_(-1 / codebook_size, 1 / codebook_size))
+
+    @staticmethod
+    def flatten(z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B * H * W, D) in raster order."""
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codeword (squared Euclidean) for each row of `flat` (N, D)."""
+        codebook = self.codebook.float()
+        distances = (
+            flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None, :]
+        )
+        return distances.argmin(dim=1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, H, W) -> codeword grid (B, D, H, W)."""
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(
+                f"code indices must lie in [0, {self.codebook_size}), got range [{int(indices.min())}, {int(indices.max())}]"
+            )
+        return self.codebook.float()[indices].permute(0, 3, 1, 2).contiguous()
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest codewords: (flat latents, flat indices, codeword grid (B, D, H, W))."""
+        flat = self.flatten(z)
+        indices = self.nearest(flat.detach())
+        b, _, h, w = z.shape
+        return flat, indices, self.lookup(indices.view(b, h, w))
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        raise NotImplementedError

@@ -1,0 +1,84 @@
+"""VQ-WAE (Vuong et al., ICML 2023): quantization trained by exact optimal transport to learned code distributions.
+
+Each latent position m has a distribution pi^m = softmax(w_m) over the shared codebook. The codebook and the
+encoder are pulled together by beta * sum_m W(pi^m, empirical latents at m); a KL term keeps every pi^m close to
+uniform, which is what keeps the whole codebook in use. There is no commitment loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..transport import wasserstein_loss
+from .base import Quantizer, QuantizerOutput, code_perplexity
+
+
+def reference_logits(num_positions: int, codebook_size: int) -> torch.Tensor:
+    """The authors' init, generalised: logit 1 on a contiguous block of codes per position, 0 elsewhere.
+
+    For 64 positions and K = 512 this is their 8 codes per position; when K < positions some rows stay all-zero
+    (uniform).
+    """
+    logits = torch.zeros(num_positions, codebook_size)
+    owner = torch.arange(codebook_size) * num_positions // codebook_size
+    logits[owner, torch.arange(codebook_size)] = 1.0
+    return logits
+
+
+class VQWAEQuantizer(Quantizer):
+    def __init__(
+        self,
+        codebook_size: int,
+        embedding_dim: int,
+        num_positions: int,
+        beta: float = 1e-3,
+        kl_weight: float = 1.0,
+        learn_weights: bool = True,
+        global_transport: bool = False,
+        init: str = "uniform",
+    ):
+        super().__init__(codebook_size, embedding_dim)
+        self.num_positions = num_positions
+        self.beta = beta
+        self.kl_weight = kl_weight
+        self.global_transport = global_transport
+        rows = 1 if global_transport else num_positions
+        logits = reference_logits(rows, codebook_size) if init == "reference" else torch.zeros(rows, codebook_size)
+        if learn_weights:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", torch.zeros(rows, codebook_size))
+
+    @property
+    def learn_weights(self) -> bool:
+        return isinstance(self.logits, nn.Parameter)
+
+    def code_distributions(self) -> torch.Tensor:
+        """pi, shape (positions, K), or (1, K) in the global form."""
+        return F.softmax(self.logits.float(), dim=1)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        z = z.float()
+        b, d, h, w = z.shape
+        if not self.global_transport and h * w != self.num_positions:
+            raise ValueError(
+                f"this VQ-WAE quantizer has {self.num_positions} positions but got a {h}x{w} latent grid; "
+                "the image size does not match the one the tokenizer was built for"
+            )
+        _, indices, codewords = self.quantize(z)
+        # (positions, batch, dim): the empirical distribution that each pi^m is transported to.
+        latents = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        if self.global_transport:
+            latents = latents.reshape(1, h * w * b, d)
+        weights = self.code_distributions()
+        losses = {"wasserstein": self.beta * wasserstein_loss(latents, self.codebook.float(), weights)}
+        stats = {"perplexity": code_perplexity(indices, self.codebook_size).detach()}
+        if self.learn_weights:
+            kl = (weights * (torch.log(weights.clamp_min(1e-30)) + math.log(self.codebook_size))).sum()
+            losses["kl"] = self.kl_weight * kl / self.codebook_size
+            stats["pi_perplexity"] = torch.exp(-(weights * torch.log(weights.clamp_min(1e-30))).sum(1)).mean().detach()
+        quantized = z + (codewords - z).detach()
+        return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)

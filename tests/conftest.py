@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root shared by the tests that read Fashion-MNIST (decompressed once per session)."""
+    if not FASHION_DEB.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (make setup installs it when it may)")
+    return tmp_path_factory.mktemp("data")

@@ -1,0 +1,54 @@
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.train_tokenizer import TokenizerJobConfig
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("quantizer:\n  codebook_size: 64\ntrain:\n  batch_size: 8\n")
+    cfg = load_config(TokenizerJobConfig, path, ["train.max_steps=12", "quantizer.name=vqvae", "seed=3", "data.limit=100"])
+    assert cfg.quantizer.codebook_size == 64 and cfg.quantizer.name == "vqvae"
+    assert cfg.train.batch_size == 8 and cfg.train.max_steps == 12 and cfg.seed == 3 and cfg.data.limit == 100
+    assert cfg.quantizer.resolved_beta == 0.25
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.max_step=5", "unknown config key 'train.max_step'"),
+        ("quantizer.name=vqgan", "quantizer.name"),
+        ("train.batch_size=many", "train.batch_size"),
+        ("train.batch_size=0", "train.batch_size must be positive"),
+        ("network.downsample=3", "power of two"),
+        ("quantizer.codebook_size=1", "codebook_size"),
+        ("nonsense", "key=value"),
+        ("data=3", "data: expected a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(TokenizerJobConfig, None, [override])
+    assert fragment in str(err.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TokenizerJobConfig, "configs/nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "cifar10", "svhn", "celeba"])
+def test_shipped_configs_load(name):
+    cfg = load_config(TokenizerJobConfig, f"configs/{name}.yaml")
+    tok = cfg.tokenizer_config()
+    assert tok.quantizer.codebook_size == 512 and tok.network.embedding_dim == 64
+    assert tok.num_positions == (64 if name != "celeba" else 256)
+
+
+def test_network_that_does_not_fit_the_data():
+    cfg = load_config(TokenizerJobConfig, "configs/celeba.yaml", ["data.image_size=32"])
+    with pytest.raises(ConfigError, match="configured for 64x64 images"):
+        cfg.tokenizer_config()
+    cfg = load_config(TokenizerJobConfig, None, ["data.image_size=30"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        cfg.tokenizer_config()

@@ -1,0 +1,93 @@
+"""Bad input ends with one clear line, a non-zero exit, and nothing already written damaged."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.io import CheckpointError
+from stage1_tokenizer.model import Tokenizer, TokenizerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["network.hidden_channels=16", "network.residual_channels=4", "quantizer.codebook_size=16",
+        "train.batch_size=4", "train.max_steps=2", "train.eval_every=2", "train.eval_batch_size=8"]
+
+
+def run(*args, timeout=180):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "pipelines.train_tokenizer", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], lines[-3:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_fails_before_any_work(tmp_path):
+    proc = run("--output", str(tmp_path / "out"), "train.maxsteps=3")
+    assert_one_line_error(proc, "unknown config key 'train.maxsteps'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_that_does_not_fit_the_data(tmp_path):
+    proc = run("--config", "configs/celeba.yaml", "--output", str(tmp_path / "out"), "data.image_size=32")
+    assert_one_line_error(proc, "64x64")
+    assert not (tmp_path / "out").exists()
+
+
+def _folder(tmp_path, corrupt):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(24):
+        Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(folder / f"{i}.png")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"not a png at all")
+    return folder
+
+
+def test_unreadable_image(tmp_path):
+    folder = _folder(tmp_path, corrupt=True)
+    proc = run("--output", str(tmp_path / "out"), "data.name=folder", f"data.path={folder}", f"data.root={tmp_path}", *TINY)
+    assert_one_line_error(proc, "broken.png")
+
+
+def test_missing_dataset_offline(tmp_path):
+    proc = run("--output", str(tmp_path / "out"), "data.name=mnist", f"data.root={tmp_path}", "data.download=false", *TINY)
+    assert_one_line_error(proc, "MNIST")
+
+
+def test_corrupt_checkpoint_on_resume_leaves_files_alone(tmp_path):
+    folder = _folder(tmp_path, corrupt=False)
+    out = tmp_path / "out"
+    common = ["--output", str(out), "data.name=folder", f"data.path={folder}", f"data.root={tmp_path}", *TINY,
+              "train.checkpoint_every=1"]
+    first = run(*common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    step = out / "checkpoints" / "step_0000002"
+    (step / "model.safetensors").write_bytes(b"\x00" * 100)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run(*common, "train.resume=latest", "train.max_steps=4")
+    assert_one_line_error(proc, "corrupt")
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+    assert all(before[p] == data for p, data in after.items())
+    # Starting over in a folder that holds a run, without resume, is refused rather than overwriting it.
+    proc = run(*common)
+    assert_one_line_error(proc, "train.resume=latest")
+
+
+def test_missing_or_corrupt_tokenizer(tmp_path):
+    with pytest.raises(CheckpointError, match="make tokenizer"):
+        Tokenizer.from_pretrained(tmp_path / "nothing")
+    model = Tokenizer(TokenizerConfig(image_size=32, channels=1))
+    model.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Tokenizer.from_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "config.yaml").write_text("image_size: [oops\n")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Tokenizer.from_pretrained(tmp_path / "tok")

@@ -1,0 +1,155 @@
+"""Exactness of the batched OT loss against a naive per-position loop of POT's ot.emd2 (torch backend)."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from stage1_tokenizer.transport import SOLVERS, _pairwise_sqdist, wasserstein_loss
+
+SHAPES = [  # (M, K, B)
+    (1, 8, 2),
+    (3, 64, 7),
+    (3, 8, 32),  # K < B
+    (4, 8, 64),  # K < B
+    (64, 512, 32),  # reference setting
+]
+
+
+def _problem(m, k, b, d=16, weights="peaked", seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, b, d, generator=g, dtype=torch.float64)
+    c = 0.7 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    if weights == "uniform":
+        w = torch.full((m, k), 1.0 / k, dtype=torch.float64)
+    else:  # softmax of large logits: generic weights, unique optimal duals
+        w = torch.softmax(3.0 * torch.randn(m, k, generator=g, dtype=torch.float64), 1)
+    return [t.to(dtype).requires_grad_() for t in (z, c, w)]
+
+
+def _grads(fn, z, c, w):
+    for t in (z, c, w):
+        t.grad = None
+    loss = fn(z, c, w)
+    loss.backward()
+    return loss.detach(), z.grad.clone(), c.grad.clone(), w.grad.clone()
+
+
+def _naive(z, c, w):
+    cost = _pairwise_sqdist(c, z)
+    b = torch.full((z.shape[1],), 1.0 / z.shape[1], dtype=z.dtype)
+    return sum(ot.emd2(w[m], b, cost[m]) for m in range(z.shape[0]))
+
+
+def _close(x, y, rtol=1e-9):
+    scale = max(1.0, float(y.abs().max()))
+    assert float((x - y).abs().max()) <= rtol * scale, float((x - y).abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_pot_peaked_weights(shape):
+    z, c, w = _problem(*shape, weights="peaked", seed=sum(shape))
+    ref = _grads(_naive, z, c, w)
+    for solver in SOLVERS:
+        out = _grads(lambda *x: wasserstein_loss(*x, solver=solver), z, c, w)
+        for o, r in zip(out, ref):  # value, d/dlatents, d/dcodebook, d/dweights: all unique here
+            _close(o, r)
+
+
+def test_large_batch_matches_pot_on_sampled_positions():
+    """M=256, K=512, B=64 in one call; the (slow) naive POT loop is run on 24 of the positions, whose
+    latents/weights gradient rows are independent of the others."""
+    z, c, w = _problem(256, 512, 64, weights="peaked", seed=11)
+    rows = torch.arange(0, 256, 11)
+    zs = z.detach()[rows].clone().requires_grad_()
+    cs = c.detach().clone().requires_grad_()
+    ws = w.detach()[rows].clone().requires_grad_()
+    ref = _grads(_naive, zs, cs, ws)
+    for solver in SOLVERS:
+        out = _grads(lambda *x: wasserstein_loss(*x, solver=solver), z, c, w)
+        _close(out[1][rows], ref[1])
+        _close(out[3][rows], ref[3])
+        sub = _grads(lambda *x: wasserstein_loss(*x, solver=solver), zs, cs, ws)
+        for o, r in zip(sub, ref):
+            _close(o, r)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("shape", [(3, 64, 7), (3, 8, 32), (64, 512, 32)])
+def test_uniform_weights_degenerate(shape, solver):
+    """Degenerate problem: value and plan-driven gradients are unique; the dual is only checked for validity."""
+    z, c, w = _problem(*shape, weights="uniform", seed=1 + sum(shape))
+    ref = _grads(_naive, z, c, w)
+    loss, gz, gc, gw = _grads(lambda *x: wasserstein_loss(*x, solver=solver), z, c, w)
+    _close(loss, ref[0])
+    _close(gz, ref[1])
+    _close(gc, ref[2])
+    # weights gradient: centred, and an optimal dual: with v its c-transform (hence feasible on every
+    # edge), the dual objective equals the primal optimum, position by position.
+    _close(gw.sum(1), torch.zeros(gw.shape[0], dtype=gw.dtype))
+    cost = _pairwise_sqdist(c, z).detach()
+    b = 1.0 / z.shape[1]
+    v = (cost - gw[:, :, None]).min(1).values
+    dual = (w.detach() * gw).sum(1) + b * v.sum(1)
+    primal = torch.stack([ot.emd2(w[m].detach(), torch.full((z.shape[1],), b, dtype=z.dtype), cost[m]) for m in range(z.shape[0])])
+    _close(dual, primal)
+
+
+def test_float32_matches_float64():
+    z, c, w = _problem(8, 512, 32, d=64, weights="peaked", seed=3)
+    out64 = _grads(wasserstein_loss, z, c, w)
+    z32, c32, w32 = [t.detach().float().requires_grad_() for t in (z, c, w)]
+    out32 = _grads(wasserstein_loss, z32, c32, w32)
+    assert out32[0].dtype == torch.float32 and z32.grad.dtype == torch.float32
+    assert abs(float(out32[0]) - float(out64[0])) <= 1e-5 * abs(float(out64[0]))
+    for o32, o64 in zip(out32[1:3], out64[1:3]):
+        assert float((o32.double() - o64).abs().max()) <= 1e-3 * float(o64.abs().max())
+
+
+def test_unnormalized_float32_softmax_rows_are_fine():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 32, 64, generator=g)
+    c = torch.randn(512, 64, generator=g)
+    w = torch.softmax(torch.randn(4, 512, generator=g) * 5, 1)  # rows sum to 1 only within ~1e-7
+    loss = wasserstein_loss(z, c, w)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_shape_and_input_errors():
+    z = torch.randn(4, 8, 3)
+    c = torch.randn(16, 3)
+    w = torch.full((4, 16), 1 / 16)
+    with pytest.raises(ValueError, match="latents"):
+        wasserstein_loss(z[0], c, w)
+    with pytest.raises(ValueError, match="codebook"):
+        wasserstein_loss(z, torch.randn(16, 4), w)
+    with pytest.raises(ValueError, match=r"weights must have shape \(M, K\) = \(4, 16\)"):
+        wasserstein_loss(z, c, w[:3])
+    with pytest.raises(ValueError, match="solver"):
+        wasserstein_loss(z, c, w, solver="sinkhorn")
+    with pytest.raises(ValueError, match="nonnegative"):
+        wasserstein_loss(z, c, -w)
+
+
+def test_zero_weight_codewords_follow_pot():
+    z, c, w = _problem(3, 16, 5, weights="peaked", seed=7)
+    w0 = w.detach().clone()
+    w0[:, :4] = 0
+    w0 = (w0 / w0.sum(1, keepdim=True)).requires_grad_()
+    ref = _grads(_naive, z, c, w0)
+    for solver in SOLVERS:
+        out = _grads(lambda *x: wasserstein_loss(*x, solver=solver), z, c, w0)
+        for o, r in zip(out[:3], ref[:3]):
+            _close(o, r)
+
+
+def test_solvers_agree_on_reference_size():
+    values = {s: [] for s in SOLVERS}
+    for seed in range(4):
+        for kind in ("peaked", "uniform"):
+            z, c, w = _problem(64, 512, 32, d=64, weights=kind, seed=100 + seed)
+            for s in SOLVERS:
+                values[s].append(wasserstein_loss(z.detach(), c.detach(), w.detach(), solver=s))
+    ref = torch.stack(values["dense"])
+    for s in SOLVERS:
+        _close(torch.stack(values[s]), ref, rtol=1e-10)
