@@ -1,5 +1,8 @@
-# One-command jobs. Each creates .venv and installs the project when missing.
-#   make tokenizer [CONFIG=configs/x.yaml] [RUN=runs/name] [ARGS="key=value ..."]
+# One-command jobs. Each creates .venv and installs the project when missing; each step is a file target, so
+# re-running redoes only what is out of date.
+#   make sample    [CONFIG=configs/x.yaml] [RUN=runs/name] [NUM_SAMPLES=1000] [SAMPLE_ARGS="temperature=0.9 ..."]
+#   make tokenizer [CONFIG=...] [RUN=...] [ARGS="key=value ..."]
+#   make codes | make prior [PRIOR_CONFIG=configs/prior.yaml] [PRIOR_ARGS="..."]
 #   make test
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,13 +10,20 @@ PY := $(VENV)/bin/python
 # This pair is what the project is tested with; elsewhere pass e.g. TORCH_SPEC="torch torchvision" for your own build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/fashion_mnist.yaml
+PRIOR_CONFIG ?= configs/prior.yaml
 RUN ?= runs/default
 ARGS ?=
+PRIOR_ARGS ?=
+NUM_SAMPLES ?= 1000
+SAMPLE_ARGS ?=
 PYTEST_ARGS ?=
 
 TOKENIZER := $(RUN)/tokenizer
+CODES := $(RUN)/codes
+PRIOR := $(RUN)/prior
+SAMPLES := $(RUN)/samples
 
-.PHONY: setup tokenizer test clean-run FORCE
+.PHONY: setup tokenizer codes prior sample test clean-run FORCE
 
 setup: $(VENV)/.installed
 
@@ -21,15 +31,34 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) scripts/setup.sh $(VENV) "$(TORCH_SPEC)"
 	@touch $@
 
-# The settings a step was made with; rewritten only when they change, so a changed CONFIG or ARGS redoes the step.
-$(TOKENIZER)/make_args.txt: FORCE
+# The settings a step was made with; rewritten only when they change, so a changed config or ARGS redoes the step.
+%/make_args.txt: FORCE
 	@mkdir -p $(@D)
-	@echo '$(CONFIG) $(ARGS)' | cmp -s - $@ || echo '$(CONFIG) $(ARGS)' > $@
+	@echo '$(STEP_ARGS)' | cmp -s - $@ || echo '$(STEP_ARGS)' > $@
+
+$(TOKENIZER)/make_args.txt: STEP_ARGS = $(CONFIG) $(ARGS)
+$(PRIOR)/make_args.txt: STEP_ARGS = $(PRIOR_CONFIG) $(PRIOR_ARGS)
+$(SAMPLES)/make_args.txt: STEP_ARGS = $(NUM_SAMPLES) $(SAMPLE_ARGS)
 
 tokenizer: $(TOKENIZER)/model.safetensors
 
 $(TOKENIZER)/model.safetensors: $(VENV)/.installed $(CONFIG) $(TOKENIZER)/make_args.txt
 	$(PY) -m pipelines.train_tokenizer --config $(CONFIG) --output $(TOKENIZER) train.resume=latest $(ARGS)
+
+codes: $(CODES)/train.safetensors
+
+$(CODES)/train.safetensors: $(TOKENIZER)/model.safetensors
+	$(PY) -m pipelines.extract_codes --tokenizer $(TOKENIZER) --output $(CODES)
+
+prior: $(PRIOR)/model.safetensors
+
+$(PRIOR)/model.safetensors: $(CODES)/train.safetensors $(PRIOR_CONFIG) $(PRIOR)/make_args.txt
+	$(PY) -m pipelines.train_prior --codes $(CODES) --output $(PRIOR) --config $(PRIOR_CONFIG) train.resume=latest $(PRIOR_ARGS)
+
+sample: $(SAMPLES)/metrics.json
+
+$(SAMPLES)/metrics.json: $(PRIOR)/model.safetensors $(TOKENIZER)/model.safetensors $(SAMPLES)/make_args.txt
+	$(PY) -m pipelines.sample --tokenizer $(TOKENIZER) --prior $(PRIOR) --output $(SAMPLES) num_samples=$(NUM_SAMPLES) $(SAMPLE_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -17,12 +17,10 @@ Design
   within ~1e-7), so the solver's mass balance holds.
 - A solver that does not report optimality raises ``RuntimeError`` (a silently wrong gradient is
   worse than a stopped run); raise ``num_iter_max`` if that ever happens.
-- Two exact solvers: ``"dense"`` (network simplex on the full K x B problem) and ``"pricing"``
-  (column generation: network simplex on a sparse restricted edge set, then a vectorized check of
-  dual feasibility on all K*B edges of all M problems, adding violated edges and re-solving with
-  warm-started potentials until none is violated). Both return an optimal plan and an optimal,
-  complementary-slack dual of the full problem. The default is the one measured faster on the
-  reference setting on a 2-core CPU (see ``DEFAULT_SOLVER``).
+- The solver is POT's exact network simplex (``"dense"``). Two problem-specific exact solvers were
+  tried and measured slower on the latents of a real training run: column generation over a sparse
+  edge set, and successive shortest paths over the B latents (fast on spread-out random problems,
+  slow on the tightly clustered latents a trained encoder produces at one position).
 - Zero-weight codewords follow POT: the network simplex drops them, and their potentials are set
   by ``ot.lp.estimate_dual_null_weights``' rule, after POT's centering. (With such codewords the
   weights gradient is one valid choice among many, as in POT.)
@@ -38,11 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from ot.lp.emd_wrap import emd_c, emd_c_sparse
+from ot.lp.emd_wrap import emd_c
 
 __all__ = ["wasserstein_loss", "set_num_threads", "get_num_threads", "DEFAULT_SOLVER", "SOLVERS"]
 
-SOLVERS = ("dense", "pricing")
+SOLVERS = ("dense",)
 DEFAULT_SOLVER = "dense"
 _OPTIMAL = 1  # ProblemType code of POT's network simplex
 _RESULT_NAMES = {0: "infeasible", 1: "optimal", 2: "unbounded", 3: "max_iter_reached"}
@@ -141,105 +139,6 @@ def _solve_dense(a, b, C, num_iter_max, m):
     return G, cost, u, v
 
 
-def _initial_edges(C, a, kn, jn):
-    """Boolean (M, K, B) candidate edge mask: for each codeword its kn nearest latents and for each
-    latent its jn nearest codewords, ranked on the double-centered cost (which removes the |z|^2 and
-    |c|^2 terms that dual potentials absorb), plus the edges of a feasible north-west-corner plan so
-    that every restricted problem is feasible."""
-    Mn, K, B = C.shape
-    R = C - C.mean(2, keepdims=True) - C.mean(1, keepdims=True)
-    mask = np.zeros(C.shape, dtype=bool)
-    kn = min(kn, B)
-    jn = min(jn, K)
-    idx = np.argpartition(R, kn - 1, axis=2)[:, :, :kn] if kn < B else np.broadcast_to(np.arange(B), (Mn, K, B))
-    np.put_along_axis(mask, idx, True, axis=2)
-    idx = np.argpartition(R, jn - 1, axis=1)[:, :jn, :] if jn < K else np.broadcast_to(np.arange(K)[:, None], (Mn, K, B))
-    np.put_along_axis(mask, idx, True, axis=1)
-    # North-west corner on codewords ordered by their nearest latent: a feasible plan with at most
-    # K + B - 1 edges, mostly on cheap edges.
-    order = np.argsort(R.argmin(2), axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(a, order, 1), axis=1)
-    cum[:, -1] = 1.0
-    start = np.concatenate([np.zeros((Mn, 1)), cum[:, :-1]], 1)
-    lo = np.minimum(np.floor(start * B).astype(np.int64), B - 1)
-    hi = np.clip(np.ceil(cum * B).astype(np.int64) - 1, lo, B - 1)
-    j = np.arange(B)
-    nw = (j >= lo[:, :, None]) & (j <= hi[:, :, None])
-    rows = np.arange(Mn)[:, None]
-    mask[rows, order] |= nw
-    return mask
-
-
-def _solve_sparse(a, b, C, mask, num_iter_max, warm):
-    s, t = np.nonzero(mask)
-    if warm is None:
-        out = emd_c_sparse(a, b, s.astype(np.uint64), t.astype(np.uint64), C[s, t], num_iter_max)
-    else:
-        out = emd_c_sparse(a, b, s.astype(np.uint64), t.astype(np.uint64), C[s, t], num_iter_max, warm[0], warm[1])
-    fs, ft, fv, cost, u, v, rc = out
-    return fs, ft, fv, cost, u, v, rc
-
-
-def _solve_pricing(C, a, b, num_iter_max, kn=3, jn=24, max_rounds=50):
-    """Column generation over all M problems; returns plans, costs, u, v like the dense path."""
-    Mn, K, B = C.shape
-    plans = np.zeros_like(C)
-    costs = np.zeros(Mn)
-    U = np.zeros((Mn, K))
-    V = np.zeros((Mn, B))
-    # Problems with zero-weight codewords take the dense path (POT's null-weight handling).
-    dense_ids = [m for m in range(Mn) if not (a[m] > 0).all()]
-    active = np.array([m for m in range(Mn) if (a[m] > 0).all()], dtype=np.int64)
-    if len(active):
-        mask = _initial_edges(C[active], a[active], kn, jn)
-        scale = np.abs(C[active]).reshape(len(active), -1).max(1)
-        tol = 1e-11 * np.maximum(scale, 1e-300)
-        pos = np.arange(len(active))  # indices (into `active`) still being priced
-        finished = np.zeros(len(active), dtype=bool)
-        warm = [None] * len(active)
-        for _ in range(max_rounds):
-            res = _map(lambda i: _solve_sparse(a[active[i]], b, C[active[i]], mask[i], num_iter_max, warm[i]), list(pos))
-            for i, r in zip(pos, res):
-                _check(r[6], int(active[i]))
-            u = np.stack([r[4] for r in res])
-            v = np.stack([r[5] for r in res])
-            red = C[active[pos]] - u[:, :, None] - v[:, None, :]
-            viol = red < -tol[pos, None, None]
-            bad = viol.reshape(len(pos), -1).any(1)
-            for i, r, is_bad in zip(pos, res, bad):
-                if not is_bad:
-                    m = int(active[i])
-                    fs, ft, fv, cost, uu, vv, _ = r
-                    plans[m][fs.astype(np.int64), ft.astype(np.int64)] = fv
-                    costs[m] = cost
-                    U[m], V[m] = _center_and_fill(uu, vv, a[m], b, C[m])
-                    finished[i] = True
-            if not bad.any():
-                break
-            # Add, per codeword and per latent, its most violated edge (partial pricing).
-            pb = pos[bad]
-            red_b = np.where(viol[bad], red[bad], np.inf)
-            rows = np.arange(len(pb))[:, None]
-            jmin = red_b.argmin(2)
-            kmin = red_b.argmin(1)
-            sub = mask[pb]
-            has_k = np.isfinite(np.take_along_axis(red_b, jmin[:, :, None], 2)[:, :, 0])
-            has_j = np.isfinite(np.take_along_axis(red_b, kmin[:, None, :], 1)[:, 0, :])
-            sub[rows, np.arange(K)[None, :], jmin] |= has_k
-            sub[rows, kmin, np.arange(B)[None, :]] |= has_j
-            mask[pb] = sub
-            for i, uu, vv in zip(pb, u[bad], v[bad]):
-                warm[i] = (np.ascontiguousarray(uu), np.ascontiguousarray(vv))
-            pos = pb
-        # Safety net (never observed): problems still violating after max_rounds go dense.
-        dense_ids.extend(int(active[i]) for i in np.nonzero(~finished)[0])
-    if dense_ids:
-        res = _map(lambda m: _solve_dense(a[m], b, C[m], num_iter_max, m), dense_ids)
-        for m, (G, cost, u, v) in zip(dense_ids, res):
-            plans[m], costs[m], U[m], V[m] = G, cost, u, v
-    return plans, costs, U, V
-
-
 def solve_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000):
     """Solve M problems (C: (M, K, B) float64, a: (M, K) float64 rows summing to 1, b uniform).
 
@@ -253,8 +152,6 @@ def solve_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_
         U = np.stack([r[2] for r in res])
         V = np.stack([r[3] for r in res])
         return plans, costs, U, V
-    if solver == "pricing":
-        return _solve_pricing(C, a, b, num_iter_max)
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
@@ -317,7 +214,7 @@ def wasserstein_loss(
 
     latents (M, B, D), codebook (K, D), weights (M, K) nonnegative with rows summing to 1.
     Computed in the inputs' dtype (float32 or float64) on their device; returns a scalar.
-    solver: "dense" or "pricing" (both exact); None picks ``DEFAULT_SOLVER``.
+    solver: "dense" (exact); None picks ``DEFAULT_SOLVER``.
     Raises RuntimeError if the network simplex does not report optimality.
     """
     if latents.dim() != 3:

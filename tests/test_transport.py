@@ -143,13 +143,9 @@ def test_zero_weight_codewords_follow_pot():
             _close(o, r)
 
 
-def test_solvers_agree_on_reference_size():
-    values = {s: [] for s in SOLVERS}
-    for seed in range(4):
-        for kind in ("peaked", "uniform"):
-            z, c, w = _problem(64, 512, 32, d=64, weights=kind, seed=100 + seed)
-            for s in SOLVERS:
-                values[s].append(wasserstein_loss(z.detach(), c.detach(), w.detach(), solver=s))
-    ref = torch.stack(values["dense"])
-    for s in SOLVERS:
-        _close(torch.stack(values[s]), ref, rtol=1e-10)
+def test_reference_size_values_match_pot():
+    """The reference setting (64 positions, B = 32, K = 512, D = 64), uniform and peaked weights."""
+    for seed, kind in [(100, "peaked"), (101, "uniform")]:
+        z, c, w = _problem(64, 512, 32, d=64, weights=kind, seed=seed)
+        with torch.no_grad():
+            _close(wasserstein_loss(z, c, w), _naive(z, c, w), rtol=1e-10)

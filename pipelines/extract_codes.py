@@ -1,0 +1,157 @@
+"""Encode the train, validation and test splits with a trained tokenizer into code sequences for the prior.
+
+    python -m pipelines.extract_codes --tokenizer runs/default/tokenizer --output runs/default/codes [key=value ...]
+
+Each split becomes `<split>.safetensors` holding `codes` (N, h*w) in raster order and `labels` (N,), with the
+tokenizer's sha256, codebook size and grid in its metadata. A split whose file was made by the same tokenizer
+is reused; any other is rebuilt. The data settings come from the tokenizer's own job config (overridable), so
+the codes describe the same images the tokenizer was trained on. The prior trains on `train` only.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
+
+from .config import ConfigError, apply_overrides, from_dict
+from .datasets import DataConfig, build_splits, dataset_info
+from .io import CheckpointError, atomic_save_safetensors, atomic_write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class CodeSet:
+    codes: torch.Tensor  # (N, L) long
+    labels: torch.Tensor  # (N,) long
+    metadata: dict[str, str]
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.metadata["codebook_size"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = json.loads(self.metadata["grid"])
+        return int(h), int(w)
+
+
+def load_codes(path: Path) -> CodeSet:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"code file '{path}' is missing; run 'make codes' (or pipelines.extract_codes) first")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            codes, labels = handle.get_tensor("codes").long(), handle.get_tensor("labels").long()
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"code file '{path}' is corrupt ({err}); delete it and extract the codes again") from None
+    for key in ("codebook_size", "grid", "tokenizer_sha256"):
+        if key not in metadata:
+            raise CheckpointError(f"code file '{path}' lacks '{key}' in its metadata; extract the codes again")
+    codeset = CodeSet(codes, labels, metadata)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codeset.codebook_size):
+        raise CheckpointError(f"code file '{path}' holds codes outside [0, {codeset.codebook_size}); extract the codes again")
+    return codeset
+
+
+def stored_tokenizer_hash(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("tokenizer_sha256")
+    except Exception:
+        return None
+
+
+def tokenizer_data_config(tokenizer_dir: Path, overrides: list[str]) -> DataConfig:
+    job = tokenizer_dir / "job_config.yaml"
+    values = yaml.safe_load(job.read_text()).get("data", {}) if job.is_file() else {}
+    values = apply_overrides({"data": values}, overrides)["data"]
+    return from_dict(DataConfig, values, prefix="data.")
+
+
+@torch.no_grad()
+def encode_split(tokenizer: Tokenizer, dataset, batch_size: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, labels = [], []
+    for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False):
+        codes.append(tokenizer.encode(images.to(device)).flatten(1).cpu())
+        labels.append(torch.as_tensor(targets).long())
+    return torch.cat(codes), torch.cat(labels)
+
+
+def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size: int = 256, device: str | None = None) -> dict:
+    tokenizer_dir, output = Path(tokenizer_dir), Path(output)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
+    digest = file_sha256(tokenizer_dir / WEIGHTS_NAME)
+    data_cfg = tokenizer_data_config(tokenizer_dir, overrides)
+    if data_cfg.image_size != tokenizer.config.image_size:
+        raise ConfigError(
+            f"data.image_size={data_cfg.image_size} but the tokenizer takes {tokenizer.config.image_size}-pixel images"
+        )
+    todo = [s for s in SPLITS if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]
+    summary = {"tokenizer": str(tokenizer_dir), "tokenizer_sha256": digest, "reused": [s for s in SPLITS if s not in todo]}
+    if todo:
+        splits = build_splits(data_cfg, seed=job_seed(tokenizer_dir))  # the same train/val split as the tokenizer saw
+        side = tokenizer.config.latent_size
+        num_classes = dataset_info(data_cfg)["num_classes"]
+        for split in todo:
+            codes, labels = encode_split(tokenizer, splits[split], batch_size, device, f"encoding {split}")
+            dtype = torch.int16 if tokenizer.codebook_size <= 2**15 else torch.int32
+            metadata = {
+                "codebook_size": str(tokenizer.codebook_size),
+                "grid": json.dumps([side, side]),
+                "tokenizer_sha256": digest,
+                "dataset": data_cfg.name,
+                "num_classes": str(num_classes or 0),
+                "split": split,
+                "order": "raster",
+            }
+            atomic_save_safetensors({"codes": codes.to(dtype), "labels": labels}, output / f"{split}.safetensors", metadata)
+    summary["counts"] = {s: int(load_codes(output / f"{s}.safetensors").codes.shape[0]) for s in SPLITS}
+    atomic_write_json(output / "summary.json", summary)
+    return summary
+
+
+def job_seed(tokenizer_dir: Path) -> int:
+    job = tokenizer_dir / "job_config.yaml"
+    return int((yaml.safe_load(job.read_text()) or {}).get("seed", 0)) if job.is_file() else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder (model.safetensors + config.yaml)")
+    parser.add_argument("--output", required=True, help="where the code files go, e.g. runs/default/codes")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: an accelerator when present)")
+    parser.add_argument("overrides", nargs="*", help="data settings, e.g. data.root=/data data.limit=1000")
+    args = parser.parse_args(argv)
+    for text in args.overrides:
+        if not text.startswith("data."):
+            raise ConfigError(f"override '{text}': only data.* settings apply to code extraction")
+    summary = extract(Path(args.tokenizer), Path(args.output), args.overrides, args.batch_size, args.device)
+    print(f"codes: {summary['counts']} (reused: {', '.join(summary['reused']) or 'none'}) in {args.output}")
+
+
+if __name__ == "__main__":
+    from .training import run_cli
+
+    run_cli(main)

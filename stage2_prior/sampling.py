@@ -1,0 +1,148 @@
+"""Drawing code sequences from a `CodePrior`: a hand-written autoregressive loop with an optional KV cache.
+
+Per step: code logits (special tokens already dropped by `CodePrior.code_logits`, in float32) ->
+classifier-free guidance (uncond + s * (cond - uncond), conditional and null-class rows in one doubled batch) ->
+temperature -> top-k -> top-p -> softmax -> torch.multinomial(probs, 1, generator=generator).
+
+With `use_cache=True` the first step runs the condition token and every later step feeds only the newly drawn token
+together with the transformer's KV cache; with `use_cache=False` every step re-runs the whole prefix. Both compute
+the same logits up to float rounding, so for the same generator seed they draw the same tokens.
+
+The random stream is consumed per step for the whole (sub-)batch, so for a fixed seed the result depends on
+`batch_size` (but not on `use_cache`).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+
+from .model import CodePrior
+
+
+def _check_settings(num_samples, temperature, top_k, top_p, guidance_scale, batch_size) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1] (1 turns it off), got {top_p!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {guidance_scale!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Apply temperature, then top-k, then nucleus (top-p) filtering to (B, V) logits; removed entries become -inf."""
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the best one always stays).
+        remove_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def _labels_tensor(prior: CodePrior, labels: Any, num_samples: int) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if isinstance(labels, bool):
+        raise ValueError(f"labels must be None, an int or a ({num_samples},) integer tensor, got {labels!r}")
+    if isinstance(labels, Integral):
+        return torch.full((num_samples,), int(labels), dtype=torch.long)
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != num_samples:
+        raise ValueError(
+            f"labels must be None, an int or a tensor of shape ({num_samples},) (one per sample), got shape {tuple(labels.shape)}"
+        )
+    return labels.cpu()
+
+
+@torch.no_grad()
+def _sample_batch(prior, cond, null, steps, temperature, top_k, top_p, guidance_scale, generator, use_cache) -> torch.Tensor:
+    n = cond.shape[0]
+    guided = null is not None
+    first = torch.cat([cond, null]) if guided else cond
+    tokens = first[:, None]  # (n or 2n, 1+t): the full prefix, kept for the uncached path
+    codes = torch.empty(n, steps, dtype=torch.long, device=cond.device)
+    cache = None
+    for t in range(steps):
+        if use_cache:
+            step_input = tokens if t == 0 else tokens[:, -1:]
+            logits, cache = prior.code_logits(step_input, cache=cache, use_cache=True, last_only=True)
+        else:
+            logits, _ = prior.code_logits(tokens, use_cache=False, last_only=True)
+        logits = logits[:, -1]
+        if guided:
+            cond_logits, uncond_logits = logits[:n], logits[n:]
+            logits = uncond_logits + guidance_scale * (cond_logits - uncond_logits)
+        logits = filter_logits(logits, temperature, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)  # (n, 1)
+        codes[:, t] = nxt[:, 0]
+        tokens = torch.cat([tokens, torch.cat([nxt, nxt]) if guided else nxt], dim=1)
+    return codes
+
+
+def sample_codes(
+    prior: CodePrior,
+    num_samples: int,
+    labels: torch.Tensor | int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    batch_size: int | None = None,
+) -> torch.LongTensor:
+    """Draw `num_samples` code sequences (N, L) in raster order, on the prior's device.
+
+    labels: None for an unconditional prior; an int (every sample that class) or a (N,) tensor for a
+    class-conditional one. guidance_scale != 1 runs classifier-free guidance against the null class (conditional
+    priors only); guidance_scale == 1 is plain conditional sampling with no unconditional pass.
+    The generator must live on the prior's device (torch.Generator(device=...)), as torch.multinomial requires.
+    """
+    _check_settings(num_samples, temperature, top_k, top_p, guidance_scale, batch_size)
+    device = prior.device
+    if generator is not None and torch.device(generator.device).type != device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the prior is on {device}; "
+            f"create it with torch.Generator(device='{device.type}')"
+        )
+    label_tensor = _labels_tensor(prior, labels, num_samples)
+    cond_all = prior.condition_tokens(label_tensor, num_samples, device)
+    guided = guidance_scale != 1.0
+    if guided and not prior.config.class_conditional:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a class-conditional prior; this one is unconditional (use 1.0)"
+        )
+    chunk = batch_size or num_samples
+    was_training = prior.training
+    prior.eval()
+    try:
+        parts = []
+        for start in range(0, num_samples, chunk):
+            cond = cond_all[start : start + chunk]
+            null = prior.null_tokens(cond.shape[0], device) if guided else None
+            parts.append(
+                _sample_batch(
+                    prior, cond, null, prior.sequence_length, float(temperature), int(top_k), float(top_p),
+                    float(guidance_scale), generator, use_cache,
+                )
+            )
+    finally:
+        prior.train(was_training)
+    return torch.cat(parts, dim=0)
