@@ -15,6 +15,9 @@ RUN ?= runs/default
 ARGS ?=
 PRIOR_ARGS ?=
 NUM_SAMPLES ?= 1000
+# Real test images the FID is computed against (null: the whole split). Inception runs at ~10 images/s on 2 CPU
+# cores, so the default chain caps it; on a GPU use FID_REFERENCE=null.
+FID_REFERENCE ?= 2000
 SAMPLE_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -38,7 +41,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 $(TOKENIZER)/make_args.txt: STEP_ARGS = $(CONFIG) $(ARGS)
 $(PRIOR)/make_args.txt: STEP_ARGS = $(PRIOR_CONFIG) $(PRIOR_ARGS)
-$(SAMPLES)/make_args.txt: STEP_ARGS = $(NUM_SAMPLES) $(SAMPLE_ARGS)
+$(SAMPLES)/make_args.txt: STEP_ARGS = $(NUM_SAMPLES) $(FID_REFERENCE) $(SAMPLE_ARGS)
 
 tokenizer: $(TOKENIZER)/model.safetensors
 
@@ -58,10 +61,28 @@ $(PRIOR)/model.safetensors: $(CODES)/train.safetensors $(PRIOR_CONFIG) $(PRIOR)/
 sample: $(SAMPLES)/metrics.json
 
 $(SAMPLES)/metrics.json: $(PRIOR)/model.safetensors $(TOKENIZER)/model.safetensors $(SAMPLES)/make_args.txt
-	$(PY) -m pipelines.sample --tokenizer $(TOKENIZER) --prior $(PRIOR) --output $(SAMPLES) num_samples=$(NUM_SAMPLES) $(SAMPLE_ARGS)
+	$(PY) -m pipelines.sample --tokenizer $(TOKENIZER) --prior $(PRIOR) --output $(SAMPLES) num_samples=$(NUM_SAMPLES) fid_reference_images=$(FID_REFERENCE) $(SAMPLE_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-run:
 	rm -rf $(RUN)
+
+# --- evaluation (issue 4) ---
+#   make eval    [RUN=runs/name] [EVAL_ARGS="num_images=2000 protocol=paper ..."]
+#   make compare [CONFIG=configs/x.yaml] [ARGS="train.max_steps=2000 models=[vqvae,vqwae] eval.num_images=2000"]
+EVAL_ARGS ?=
+
+.PHONY: eval compare
+
+eval: $(VENV)/.installed
+	$(PY) -m pipelines.evaluate --run $(RUN) $(EVAL_ARGS)
+
+compare: $(VENV)/.installed
+	$(PY) -m pipelines.compare --config $(CONFIG) --output runs/compare-$(basename $(notdir $(CONFIG))) $(ARGS)
+
+# --- benchmarks (issue 5) ---
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.run --output runs/bench

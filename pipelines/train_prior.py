@@ -30,8 +30,17 @@ from stage2_prior.model import CodePrior, PriorConfig
 from .config import ConfigError, load_config, to_dict
 from .extract_codes import CodeSet, load_codes
 from .io import CheckpointError, atomic_write_json, atomic_write_text
-from .train_tokenizer import accelerator_available, ranks_max_difference
-from .training import CheckpointManager, StepBatchSampler, capture_rng_state, restore_rng_state, run_cli, shard_indices
+from .training import (
+    StepBatchSampler,
+    build_accelerator,
+    capture_rng_state,
+    check_same_settings,
+    ranks_max_difference,
+    restore_rng_state,
+    resume_point,
+    run_cli,
+    shard_indices,
+)
 
 
 @dataclass
@@ -121,26 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     if val_codes.metadata["tokenizer_sha256"] != train_codes.metadata["tokenizer_sha256"]:
         raise CheckpointError(f"the code files in {codes_dir} come from different tokenizers; extract them again")
     prior_cfg = prior_config_for(train_codes, cfg.prior)
-    accelerator = Accelerator(
-        mixed_precision=tcfg.mixed_precision,
-        cpu=tcfg.cpu or not accelerator_available(),
-        log_with="tensorboard",
-        project_dir=str(output / "logs"),
-    )
+    accelerator = build_accelerator(tcfg.mixed_precision, tcfg.cpu, output)
     is_main = accelerator.is_main_process
-    checkpoints = CheckpointManager(output / "checkpoints", keep=tcfg.keep_checkpoints)
-    resume_from = checkpoints.resolve(tcfg.resume) if tcfg.resume else None
-    if resume_from is None and (output / "checkpoints" / "latest").exists():
-        raise ConfigError(
-            f"'{output}' already holds a training run; pass train.resume=latest to continue it or choose another output"
-        )
+    checkpoints, resume_from = resume_point(output, tcfg.resume, tcfg.keep_checkpoints)
     job_path = output / "job_config.yaml"
     job_record = {**to_dict(cfg), "codes": {"dir": str(codes_dir), "tokenizer_sha256": train_codes.metadata["tokenizer_sha256"]}}
     if resume_from is not None:
-        saved = yaml.safe_load(job_path.read_text()) if job_path.is_file() else {}
-        for key in ("prior", "seed", "codes"):
-            if saved.get(key) != job_record[key]:
-                raise ConfigError(f"cannot resume: '{key}' differs from the run in {output}; use the same settings or another output")
+        check_same_settings(job_path, job_record, ("prior", "seed", "codes"))
 
     set_seed(cfg.seed)
     prior = CodePrior(prior_cfg)
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer_state = {"step": 0, "best_val_bpt": math.inf, "best_step": -1, "train_seconds": 0.0}
     if resume_from is not None:
-        loaded = CheckpointManager.load(resume_from, prior, ["optimizer", "scheduler", "trainer", "rng"])
+        loaded = checkpoints.load(resume_from, prior, ["optimizer", "scheduler", "trainer", "rng"])
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         trainer_state.update(loaded["trainer"])

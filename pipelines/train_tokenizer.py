@@ -32,7 +32,17 @@ from stage1_tokenizer.quantizers import QuantizerConfig
 from .config import ConfigError, load_config, to_dict
 from .datasets import DataConfig, build_splits, dataset_info
 from .io import CheckpointError, atomic_write_json, atomic_write_text
-from .training import CheckpointManager, StepBatchSampler, capture_rng_state, restore_rng_state, run_cli, shard_indices
+from .training import (
+    StepBatchSampler,
+    build_accelerator,
+    capture_rng_state,
+    check_same_settings,
+    ranks_max_difference,
+    restore_rng_state,
+    resume_point,
+    run_cli,
+    shard_indices,
+)
 
 
 @dataclass
@@ -83,17 +93,6 @@ class TokenizerJobConfig:
 MODEL_KEYS = ("data", "network", "quantizer", "seed")
 
 
-def check_resume_compatible(saved_path: Path, cfg: TokenizerJobConfig) -> None:
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = to_dict(cfg)
-    for key in MODEL_KEYS:
-        if saved.get(key) != current[key]:
-            raise ConfigError(
-                f"cannot resume: '{key}' differs from the run in {saved_path.parent} ; "
-                "use the same config or another RUN folder"
-            )
-
-
 @torch.no_grad()
 def validation_mse(model, dataset, batch_size: int, accelerator: Accelerator) -> float:
     """Mean per-pixel MSE over `dataset`, sharded across processes and summed."""
@@ -111,19 +110,6 @@ def validation_mse(model, dataset, batch_size: int, accelerator: Accelerator) ->
     return float(total[0] / total[1].clamp_min(1))
 
 
-def ranks_max_difference(model, accelerator: Accelerator) -> float:
-    """Largest difference of any parameter between processes (0.0 when all ranks hold the same weights)."""
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    gathered = accelerator.gather(flat[None]).view(accelerator.num_processes, -1)
-    return float((gathered - gathered[0]).abs().max())
-
-
-def accelerator_available() -> bool:
-    if hasattr(torch, "accelerator"):
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[TokenizerJobConfig, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (defaults: the built-in Fashion-MNIST settings)")
@@ -137,21 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg, output = parse_args(argv)
     tokenizer_cfg = cfg.tokenizer_config()  # fails on a config that does not fit the data before any work
     tcfg = cfg.train
-    accelerator = Accelerator(
-        mixed_precision=tcfg.mixed_precision,
-        cpu=tcfg.cpu or not accelerator_available(),  # lets torchrun-launched processes fall back to gloo on CPU
-        log_with="tensorboard",
-        project_dir=str(output / "logs"),
-    )
+    accelerator = build_accelerator(tcfg.mixed_precision, tcfg.cpu, output)
     is_main = accelerator.is_main_process
-    checkpoints = CheckpointManager(output / "checkpoints", keep=tcfg.keep_checkpoints)
-    resume_from = checkpoints.resolve(tcfg.resume) if tcfg.resume else None
-    if resume_from is None and (output / "checkpoints" / "latest").exists():
-        raise ConfigError(
-            f"'{output}' already holds a training run; pass train.resume=latest to continue it or choose another output"
-        )
+    checkpoints, resume_from = resume_point(output, tcfg.resume, tcfg.keep_checkpoints)
     if resume_from is not None:
-        check_resume_compatible(output / "job_config.yaml", cfg)
+        check_same_settings(output / "job_config.yaml", to_dict(cfg), MODEL_KEYS)
 
     set_seed(cfg.seed)
     splits = build_splits(cfg.data, seed=cfg.seed)
@@ -169,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer_state = {"step": 0, "best_val_mse": math.inf, "best_step": -1, "train_seconds": 0.0}
     if resume_from is not None:
         names = ["optimizer", "trainer", "rng"] + (["scheduler"] if scheduler else [])
-        loaded = CheckpointManager.load(resume_from, model, names)
+        loaded = checkpoints.load(resume_from, model, names)
         optimizer.load_state_dict(loaded["optimizer"])
         if scheduler:
             scheduler.load_state_dict(loaded["scheduler"])

@@ -134,6 +134,55 @@ class CheckpointManager:
         return {name: load_state(path, name) for name in names}
 
 
+def accelerator_available() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def build_accelerator(mixed_precision: str, force_cpu: bool, output: Path):
+    """One Accelerator per job. Without a GPU it runs on the CPU, which also lets processes started by torchrun
+    (`accelerate launch --multi_gpu`) train together over gloo."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=force_cpu or not accelerator_available(),
+        log_with="tensorboard",
+        project_dir=str(Path(output) / "logs"),
+    )
+
+
+def resume_point(output: Path, resume: str | None, keep: int) -> tuple[CheckpointManager, Path | None]:
+    """The job's checkpoint manager and the checkpoint to resume from, refusing to start over on top of a run."""
+    checkpoints = CheckpointManager(Path(output) / "checkpoints", keep=keep)
+    resume_from = checkpoints.resolve(resume) if resume else None
+    if resume_from is None and (checkpoints.directory / LATEST).exists():
+        raise ConfigError(
+            f"'{output}' already holds a training run; pass train.resume=latest to continue it or choose another output"
+        )
+    return checkpoints, resume_from
+
+
+def check_same_settings(job_path: Path, current: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A run may only be resumed with the settings that define what it learns (the step budget may change)."""
+    import yaml
+
+    saved = (yaml.safe_load(job_path.read_text()) or {}) if job_path.is_file() else {}
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            raise ConfigError(
+                f"cannot resume: '{key}' differs from the run in {job_path.parent}; use the same settings or another output"
+            )
+
+
+def ranks_max_difference(model: nn.Module, accelerator) -> float:
+    """Largest difference of any parameter between processes (0.0 when all ranks hold the same weights)."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    gathered = accelerator.gather(flat[None]).view(accelerator.num_processes, -1)
+    return float((gathered - gathered[0]).abs().max())
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a job; problems the user can fix end with a one-line `error:` message and exit status 2."""
     from .datasets import DatasetError

