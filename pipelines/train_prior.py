@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     is_main = accelerator.is_main_process
     checkpoints, resume_from = resume_point(output, tcfg.resume, tcfg.keep_checkpoints)
     job_path = output / "job_config.yaml"
-    job_record = {**to_dict(cfg), "codes": {"dir": str(codes_dir), "tokenizer_sha256": train_codes.metadata["tokenizer_sha256"]}}
+    codes_record = {"dir": str(codes_dir), "tokenizer_sha256": train_codes.metadata["tokenizer_sha256"]}
+    job_record = {**to_dict(cfg), "codes": codes_record}
     if resume_from is not None:
-        check_same_settings(job_path, job_record, ("prior", "seed", "codes"))
+        check_same_settings(job_path, cfg, ("prior", "seed", "codes"), extra={"codes": codes_record})
 
     set_seed(cfg.seed)
     prior = CodePrior(prior_cfg)

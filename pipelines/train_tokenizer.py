@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     is_main = accelerator.is_main_process
     checkpoints, resume_from = resume_point(output, tcfg.resume, tcfg.keep_checkpoints)
     if resume_from is not None:
-        check_same_settings(output / "job_config.yaml", to_dict(cfg), MODEL_KEYS)
+        check_same_settings(output / "job_config.yaml", cfg, MODEL_KEYS)
 
     set_seed(cfg.seed)
     splits = build_splits(cfg.data, seed=cfg.seed)

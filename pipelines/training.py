@@ -164,13 +164,24 @@ def resume_point(output: Path, resume: str | None, keep: int) -> tuple[Checkpoin
     return checkpoints, resume_from
 
 
-def check_same_settings(job_path: Path, current: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """A run may only be resumed with the settings that define what it learns (the step budget may change)."""
+def check_same_settings(job_path: Path, current: Any, keys: tuple[str, ...], extra: dict[str, Any] | None = None) -> None:
+    """A run may only be resumed with the settings that define what it learns (the step budget may change).
+
+    The saved settings are read back through the job's config class, so a setting added since the run started
+    compares at its default instead of blocking the resume."""
     import yaml
 
+    from .config import from_dict, to_dict
+
     saved = (yaml.safe_load(job_path.read_text()) or {}) if job_path.is_file() else {}
+    known = {f: saved[f] for f in to_dict(current) if f in saved}
+    try:
+        saved_settings = {**to_dict(from_dict(type(current), known)), **{k: saved.get(k) for k in (extra or {})}}
+    except ConfigError as err:
+        raise ConfigError(f"cannot resume: the settings saved in {job_path} no longer load ({err})") from None
+    current_settings = {**to_dict(current), **(extra or {})}
     for key in keys:
-        if saved.get(key) != current.get(key):
+        if key not in known and key not in (extra or {}) or saved_settings.get(key) != current_settings.get(key):
             raise ConfigError(
                 f"cannot resume: '{key}' differs from the run in {job_path.parent}; use the same settings or another output"
             )

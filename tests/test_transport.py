@@ -5,7 +5,8 @@ import ot
 import pytest
 import torch
 
-from stage1_tokenizer.transport import SOLVERS, _pairwise_sqdist, wasserstein_loss
+from stage1_tokenizer.transport import EXACT_SOLVERS as SOLVERS
+from stage1_tokenizer.transport import SinkhornState, _pairwise_sqdist, resolve_solver, start_wasserstein_loss, wasserstein_loss
 
 SHAPES = [  # (M, K, B)
     (1, 8, 2),
@@ -126,7 +127,9 @@ def test_shape_and_input_errors():
     with pytest.raises(ValueError, match=r"weights must have shape \(M, K\) = \(4, 16\)"):
         wasserstein_loss(z, c, w[:3])
     with pytest.raises(ValueError, match="solver"):
-        wasserstein_loss(z, c, w, solver="sinkhorn")
+        wasserstein_loss(z, c, w, solver="lp")
+    with pytest.raises(ValueError, match="epsilon"):
+        wasserstein_loss(z, c, w, solver="sinkhorn", epsilon=0)
     with pytest.raises(ValueError, match="nonnegative"):
         wasserstein_loss(z, c, -w)
 
@@ -149,3 +152,46 @@ def test_reference_size_values_match_pot():
         z, c, w = _problem(64, 512, 32, d=64, weights=kind, seed=seed)
         with torch.no_grad():
             _close(wasserstein_loss(z, c, w), _naive(z, c, w), rtol=1e-10)
+
+
+def test_sinkhorn_gap_to_exact_is_small_and_shrinks_with_epsilon():
+    z, c, w = _problem(16, 64, 8, d=8, weights="peaked", seed=21)
+    exact = _grads(lambda *x: wasserstein_loss(*x, solver="dense"), z, c, w)
+    gaps = []
+    for eps in (0.1, 0.01):
+        out = _grads(lambda *x: wasserstein_loss(*x, solver="sinkhorn", epsilon=eps, tol=1e-7, max_iter=5000), z, c, w)
+        gaps.append((float(out[0]) - float(exact[0])) / float(exact[0]))
+        assert gaps[-1] >= -1e-9  # the entropic plan is feasible, so never cheaper than the optimum
+    assert gaps[1] < gaps[0] and gaps[1] < 1e-3, gaps
+    # gradients approach the exact ones (plan-driven latents gradient)
+    assert float((out[1] - exact[1]).abs().max()) <= 0.15 * float(exact[1].abs().max())
+
+
+def test_sinkhorn_warm_start_and_float32():
+    z, c, w = _problem(8, 64, 8, d=8, weights="peaked", seed=22, dtype=torch.float32)
+    state = SinkhornState()
+    first = wasserstein_loss(z, c, w, solver="sinkhorn", epsilon=0.05, state=state)
+    cold_iters = state.iterations
+    assert state.potentials.shape == (8, 64) and state.marginal_error <= 1e-4
+    second = wasserstein_loss(z, c, w, solver="sinkhorn", epsilon=0.05, state=state)
+    assert state.iterations < cold_iters
+    assert first.dtype == torch.float32 and abs(float(first) - float(second)) <= 1e-4 * float(first)
+    second.backward()
+    assert torch.isfinite(w.grad).all() and torch.allclose(w.grad.sum(1), torch.zeros(8), atol=1e-4)
+
+
+def test_auto_picks_per_device():
+    assert resolve_solver("auto", "cpu") == "dense"
+    assert resolve_solver("auto", torch.device("cuda", 0)) in ("dense", "sinkhorn")
+    assert resolve_solver(None, "cpu") == "dense"
+    z, c, w = _problem(3, 16, 5, seed=23)
+    with torch.no_grad():
+        assert float(wasserstein_loss(z, c, w, solver="auto")) == float(wasserstein_loss(z, c, w, solver="dense"))
+
+
+def test_background_solve_gives_the_same_loss_and_gradients():
+    z, c, w = _problem(6, 32, 8, seed=24)
+    ref = _grads(wasserstein_loss, z, c, w)
+    out = _grads(lambda *x: start_wasserstein_loss(*x, background=True).result(), z, c, w)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)

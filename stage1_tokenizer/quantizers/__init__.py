@@ -21,6 +21,12 @@ class QuantizerConfig:
     weights: Literal["learned", "uniform"] = "learned"
     form: Literal["per_position", "global"] = "per_position"
     init: Literal["uniform", "reference"] = "uniform"
+    # vqwae transport: "dense" exact (default), "sinkhorn" entropic with relative epsilon, "auto" per device
+    solver: Literal["dense", "sinkhorn", "auto"] = "dense"
+    epsilon: float = 0.01  # sinkhorn only, relative to the cost's scale (see stage1_tokenizer/transport.py)
+    # several processes: "local" solves each process's batch, "global_batch" the latents gathered from all processes
+    transport_scope: Literal["local", "global_batch"] = "local"
+    overlap: Literal["auto", "on", "off"] = "auto"  # exact host solve in the background during the decoder; auto: off on CPU
     # vqvae
     beta_on_codebook: bool = False  # the VQ-WAE authors' baseline: beta on the codebook term, not the commitment
 
@@ -31,6 +37,8 @@ class QuantizerConfig:
             raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
         if self.kl_weight < 0:
             raise ConfigError(f"quantizer.kl_weight must be >= 0, got {self.kl_weight}")
+        if not self.epsilon > 0:
+            raise ConfigError(f"quantizer.epsilon must be positive, got {self.epsilon}")
 
     @property
     def resolved_beta(self) -> float:
@@ -51,6 +59,10 @@ def build_quantizer(cfg: QuantizerConfig, embedding_dim: int, num_positions: int
         learn_weights=cfg.weights == "learned",
         global_transport=cfg.form == "global",
         init=cfg.init,
+        solver=cfg.solver,
+        transport_scope=cfg.transport_scope,
+        epsilon=cfg.epsilon,
+        overlap=cfg.overlap,
     )
 
 

@@ -3,6 +3,20 @@
 Each latent position m has a distribution pi^m = softmax(w_m) over the shared codebook. The codebook and the
 encoder are pulled together by beta * sum_m W(pi^m, empirical latents at m); a KL term keeps every pi^m close to
 uniform, which is what keeps the whole codebook in use. There is no commitment loss.
+
+Several processes (``transport_scope``):
+- ``"local"``: each process transports pi^m to the latents of its own batch; DDP averages the gradients, so the
+  objective is the mean over processes of per-process Wasserstein terms (an OT over a smaller empirical measure).
+- ``"global_batch"``: the latents of all processes are gathered with a differentiable all_gather, so each problem
+  is the one a single process would solve on the global batch. The M positions are split between the processes
+  (each solves about M / N of them), and the term is scaled by N: the all_gather backward sums every process's
+  gradient into the owner of each latent, and DDP then divides by N, so the averaged gradients (and the mean of the
+  per-process loss values) equal those of the single-process loss on the concatenated batch. With fewer positions
+  than processes (the global form) every process solves all of them and no scaling is needed. Only in training
+  mode with gradients on; evaluation stays local. Every process must hold the same number of latents.
+
+Overlap (``overlap``): with the exact solver the host solve runs in background threads while the decoder runs; the
+"wasserstein" loss is only waited for when the caller reads the losses (Tokenizer.forward does so after the decoder).
 """
 from __future__ import annotations
 
@@ -12,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..transport import wasserstein_loss
+from collections.abc import Mapping
+
+import torch.distributed as dist
+
+from ..transport import SinkhornState, resolve_solver, start_wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity
 
 
@@ -39,12 +57,22 @@ class VQWAEQuantizer(Quantizer):
         learn_weights: bool = True,
         global_transport: bool = False,
         init: str = "uniform",
+        solver: str = "dense",
+        transport_scope: str = "local",
+        epsilon: float = 0.01,
+        overlap: str = "auto",
     ):
         super().__init__(codebook_size, embedding_dim)
         self.num_positions = num_positions
         self.beta = beta
         self.kl_weight = kl_weight
         self.global_transport = global_transport
+        self.solver = solver
+        self.transport_scope = transport_scope
+        self.epsilon = epsilon
+        self.overlap = overlap
+        # Sinkhorn warm start: not saved with the weights (a resumed run restarts it cold).
+        self.sinkhorn_state = SinkhornState()
         rows = 1 if global_transport else num_positions
         logits = reference_logits(rows, codebook_size) if init == "reference" else torch.zeros(rows, codebook_size)
         if learn_weights:
@@ -60,6 +88,22 @@ class VQWAEQuantizer(Quantizer):
         """pi, shape (positions, K), or (1, K) in the global form."""
         return F.softmax(self.logits.float(), dim=1)
 
+    def _gather(self, latents: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Global-batch scope: (latents of all processes, this process's weight rows, loss scale); see the module."""
+        if not (
+            self.transport_scope == "global_batch" and self.training and torch.is_grad_enabled()
+            and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ):
+            return latents, weights, 1.0
+        from torch.distributed.nn.functional import all_gather
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        latents = torch.cat(all_gather(latents.contiguous()), dim=1)
+        if latents.shape[0] < world:
+            return latents, weights, 1.0
+        rows = torch.tensor_split(torch.arange(latents.shape[0], device=latents.device), world)[rank]
+        return latents[rows], weights[rows], float(world)
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         z = z.float()
         b, d, h, w = z.shape
@@ -71,14 +115,51 @@ class VQWAEQuantizer(Quantizer):
         _, indices, codewords = self.quantize(z)
         # (positions, batch, dim): the empirical distribution that each pi^m is transported to.
         latents = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        weights = self.code_distributions()
         if self.global_transport:
             latents = latents.reshape(1, h * w * b, d)
-        weights = self.code_distributions()
-        losses = {"wasserstein": self.beta * wasserstein_loss(latents, self.codebook.float(), weights)}
+        latents, ot_weights, scale = self._gather(latents, weights)
+        solver = resolve_solver(self.solver, z.device)
+        background = solver == "dense" and (
+            self.overlap == "on" or (self.overlap == "auto" and z.device.type != "cpu")
+        )
+        pending = start_wasserstein_loss(
+            latents, self.codebook.float(), ot_weights, solver=solver, epsilon=self.epsilon,
+            state=self.sinkhorn_state, background=background,
+        )
+        coefficient = self.beta * scale
+        losses = _PendingLosses({}, "wasserstein", lambda: coefficient * pending.result())
         stats = {"perplexity": code_perplexity(indices, self.codebook_size).detach()}
         if self.learn_weights:
             kl = (weights * (torch.log(weights.clamp_min(1e-30)) + math.log(self.codebook_size))).sum()
-            losses["kl"] = self.kl_weight * kl / self.codebook_size
+            losses.ready["kl"] = self.kl_weight * kl / self.codebook_size
             stats["pi_perplexity"] = torch.exp(-(weights * torch.log(weights.clamp_min(1e-30))).sum(1)).mean().detach()
         quantized = z + (codewords - z).detach()
         return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)
+
+
+class _PendingLosses(Mapping):
+    """The losses, one of them possibly still being solved: reading any value (or `**losses`) waits for it.
+
+    Keeps "wasserstein" first, as before."""
+
+    def __init__(self, ready: dict, key: str, wait):
+        self.ready, self._key, self._wait, self._value = ready, key, wait, None
+
+    def _resolved(self) -> dict:
+        if self._value is None:
+            self._value = self._wait()
+            self._wait = None
+        return {self._key: self._value, **self.ready}
+
+    def __getitem__(self, key):
+        return self._resolved()[key]
+
+    def __iter__(self):
+        return iter([self._key, *self.ready])
+
+    def __len__(self):
+        return 1 + len(self.ready)
+
+    def __repr__(self):
+        return repr(self._resolved())

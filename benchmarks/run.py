@@ -1,0 +1,301 @@
+"""`make bench`: VQ-WAE's costs measured side by side in one process, written to bench.json and bench.md.
+
+    python -m benchmarks.run --output runs/bench [--quick]
+
+Every comparison interleaves its variants (A, B, A, B, ...) so that load from other jobs hits both alike, and reports
+medians and ratios of medians. Sections: the Wasserstein term (ours vs a naive per-position ot.emd2 loop, and the
+Sinkhorn gap), a full training step VQ-WAE vs VQ-VAE at the reference and a larger setting, how the term grows
+with K, B and positions, prior sampling with/without the KV cache, and FID feature extraction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from stage1_tokenizer.transport import SinkhornState, _pairwise_sqdist, get_num_threads, wasserstein_loss
+
+TRAINED = Path("runs/default/tokenizer/best")
+
+
+def _timeit(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per variant, the variants run in turn `repeats` times after `warmup` rounds."""
+    times = {k: [] for k in variants}
+    for r in range(warmup + repeats):
+        for name, fn in variants.items():
+            dt = _timeit(fn)
+            if r >= warmup:
+                times[name].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "solver_threads": get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def fashion_images(n: int, size: int = 32):
+    from pipelines.datasets import DataConfig, build_splits
+
+    try:
+        split = build_splits(DataConfig(limit=max(n, 64), image_size=size), seed=0)["train"]
+        return torch.stack([split[i % len(split)][0] for i in range(n)]), "fashion_mnist"
+    except Exception:  # noqa: BLE001 - no data here: synthetic images keep the timing comparable
+        return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0)), "uniform noise"
+
+
+def trained_tokenizer():
+    from stage1_tokenizer.model import Tokenizer
+
+    if (TRAINED / "model.safetensors").is_file():
+        try:
+            return Tokenizer.from_pretrained(TRAINED)
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+def reference_latents():
+    """(latents (64, 32, 64), codebook, weights, source): a trained tokenizer's when one exists, else Gaussian."""
+    tok = trained_tokenizer()
+    if tok is not None and tok.config.image_size == 32 and tok.config.quantizer.name == "vqwae":
+        images, data = fashion_images(32)
+        with torch.no_grad():
+            z = tok.encoder(images).float()
+            b, d, h, w = z.shape
+            lat = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
+            return lat, tok.quantizer.codebook.detach().float(), tok.quantizer.code_distributions().detach(), f"trained tokenizer ({TRAINED}) on {data}"
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(64, 32, 64, generator=g), 0.7 * torch.randn(512, 64, generator=g),
+            torch.softmax(torch.randn(64, 512, generator=g), 1), "Gaussian (no trained tokenizer found)")
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def bench_wasserstein(repeats: int, sinkhorn_eps: list[float]) -> dict:
+    import ot
+
+    lat, cb, w, source = reference_latents()
+
+    def ours():
+        z, c, p = (t.clone().requires_grad_() for t in (lat, cb, w))
+        loss = wasserstein_loss(z, c, p)
+        loss.backward()
+        return float(loss.detach())
+
+    def naive():  # the reference code's loop: one ot.emd2 per position, autograd through POT's torch backend
+        z, c, p = (t.clone().requires_grad_() for t in (lat, cb, w))
+        cost = _pairwise_sqdist(c, z)
+        b = torch.full((z.shape[1],), 1.0 / z.shape[1])
+        loss = sum(ot.emd2(p[m] / p[m].sum(), b, cost[m]) for m in range(z.shape[0]))
+        loss.backward()
+        return float(loss.detach())
+
+    t = interleaved({"ours": ours, "naive_emd2_loop": naive}, repeats)
+    v_ours, v_naive = ours(), naive()
+    out = {
+        "inputs": source, "shape_MKBD": [lat.shape[0], cb.shape[0], lat.shape[1], lat.shape[2]],
+        "ours_ms": 1e3 * t["ours"], "naive_ms": 1e3 * t["naive_emd2_loop"],
+        "speedup": t["naive_emd2_loop"] / t["ours"],
+        "value": v_ours, "max_rel_value_difference": abs(v_ours - v_naive) / abs(v_naive), "repeats": repeats,
+    }
+    exact = v_ours
+    rows = []
+    for eps in sinkhorn_eps:
+        state = SinkhornState()
+        with torch.no_grad():
+            cold = _timeit(lambda: wasserstein_loss(lat, cb, w, solver="sinkhorn", epsilon=eps, state=state, max_iter=1000))
+            cold_iters = state.iterations
+            value = {}
+            warm = _timeit(lambda: value.setdefault("v", float(wasserstein_loss(lat, cb, w, solver="sinkhorn", epsilon=eps, state=state, max_iter=1000))))
+        rows.append({"epsilon": eps, "relative_gap": (value["v"] - exact) / exact, "cold_ms": 1e3 * cold,
+                     "cold_iterations": cold_iters, "warm_ms": 1e3 * warm, "warm_iterations": state.iterations,
+                     "marginal_error": state.marginal_error})
+    out["sinkhorn"] = rows
+    return out
+
+
+def _tokenizer(name: str, image_size: int, **qkw):
+    from stage1_tokenizer.model import Tokenizer, TokenizerConfig
+    from stage1_tokenizer.networks import NetworkConfig
+    from stage1_tokenizer.quantizers import QuantizerConfig
+
+    torch.manual_seed(0)
+    return Tokenizer(TokenizerConfig(image_size, 1, NetworkConfig(), QuantizerConfig(name=name, codebook_size=512, **qkw)))
+
+
+def bench_step(batch: int, image_size: int, repeats: int, use_trained: bool) -> dict:
+    images, data = fashion_images(batch, image_size)
+    models = {
+        "vqvae": _tokenizer("vqvae", image_size),
+        "vqwae": _tokenizer("vqwae", image_size),
+        "vqwae_overlap": _tokenizer("vqwae", image_size, overlap="on"),
+    }
+    weights = "random init"
+    trained = trained_tokenizer() if use_trained else None
+    if trained is not None and trained.config.image_size == image_size:
+        state = trained.state_dict()
+        for m in models.values():
+            m.load_state_dict(state, strict=False)
+        weights = f"trained ({TRAINED})"
+    optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+
+    def step(name):
+        def run():
+            model, opt = models[name], optims[name]
+            out = model(images)
+            loss = sum(out.losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    t = interleaved({k: step(k) for k in models}, repeats)
+    return {
+        "batch": batch, "image_size": image_size, "latent_grid": image_size // 4, "K": 512, "D": 64, "data": data,
+        "weights": weights, "repeats": repeats,
+        **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+        "ratio_vqwae_vqvae": t["vqwae"] / t["vqvae"],
+        "ratio_vqwae_overlap_vqvae": t["vqwae_overlap"] / t["vqvae"],
+    }
+
+
+def bench_scaling(repeats: int) -> list[dict]:
+    base = {"M": 64, "K": 512, "B": 32}
+    grid = [("K", [128, 256, 512, 1024]), ("B", [16, 32, 64, 128]), ("M", [16, 64, 256])]
+    rows = []
+    for key, values in grid:
+        fns = {}
+        for v in values:
+            shape = dict(base, **{key: v})
+            g = torch.Generator().manual_seed(v)
+            z = torch.randn(shape["M"], shape["B"], 64, generator=g)
+            c = 0.7 * torch.randn(shape["K"], 64, generator=g)
+            p = torch.softmax(torch.randn(shape["M"], shape["K"], generator=g), 1)
+
+            def fn(z=z, c=c, p=p):
+                zz, cc, pp = (t.clone().requires_grad_() for t in (z, c, p))
+                wasserstein_loss(zz, cc, pp).backward()
+
+            fns[v] = fn
+        t = interleaved(fns, repeats, warmup=0)
+        rows += [{"vary": key, **dict(base, **{key: v}), "ms": 1e3 * t[v]} for v in values]
+    return rows
+
+
+def bench_sampling(repeats: int, num_samples: int) -> dict:
+    from stage2_prior.model import CodePrior, PriorConfig
+    from stage2_prior.sampling import sample_codes
+
+    torch.manual_seed(0)
+    prior = CodePrior(PriorConfig(class_conditional=False, codebook_size=512, sequence_length=64))
+    fns = {c: (lambda c=c: sample_codes(prior, num_samples, use_cache=c, generator=torch.Generator().manual_seed(0)))
+           for c in (True, False)}
+    t = interleaved(fns, repeats)
+    return {"num_samples": num_samples, "sequence_length": 64, "prior": "gpt2 4x256 (untrained)", "repeats": repeats,
+            "cache_samples_per_s": num_samples / t[True], "no_cache_samples_per_s": num_samples / t[False],
+            "speedup": t[False] / t[True]}
+
+
+def bench_fid(repeats: int, n: int) -> dict:
+    try:
+        from eval.fid import resolve_feature_extractor, tensor_features
+
+        extractor = resolve_feature_extractor(allow_download=False)
+    except Exception as exc:  # noqa: BLE001 - offline without the weights: say so in the report
+        return {"error": str(exc).splitlines()[0][:300]}
+    images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = interleaved({"fid": lambda: tensor_features(images, extractor, batch_size=50)}, repeats)
+    return {"images": n, "input": "32x32 RGB, clean resize to 299", "extractor": repr(extractor),
+            "images_per_s": n / t["fid"], "repeats": repeats}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# VQ-WAE benchmarks\n", f"Machine: {m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} "
+             f"({m['torch_threads']} threads, solver {m['solver_threads']} threads), {m['platform']}; "
+             f"load average at start {m['loadavg_at_start']}. Medians of interleaved repeats.\n"]
+    w = r["wasserstein"]
+    lines += ["## Wasserstein term (forward + backward)\n", f"Inputs: {w['inputs']}, (M, K, B, D) = {tuple(w['shape_MKBD'])}.\n",
+              "| variant | ms | ratio |", "|---|---|---|",
+              f"| ours (exact, threaded network simplex) | {w['ours_ms']:.1f} | 1.00 |",
+              f"| naive loop of ot.emd2 per position | {w['naive_ms']:.1f} | {w['speedup']:.2f}x slower |",
+              f"\nLargest relative value difference: {w['max_rel_value_difference']:.1e}.\n",
+              "| Sinkhorn epsilon | relative gap to exact | cold ms (iterations) | warm-start ms (iterations) | latent marginal L1 error |",
+              "|---|---|---|---|---|"]
+    for s in w["sinkhorn"]:
+        lines.append(f"| {s['epsilon']} | {s['relative_gap']:.2e} | {s['cold_ms']:.0f} ({s['cold_iterations']}) | "
+                     f"{s['warm_ms']:.0f} ({s['warm_iterations']}) | {s['marginal_error']:.1e} |")
+    lines += ["\n## Training step (forward, backward, Adam), same network and data\n",
+              "| setting | weights | VQ-VAE ms | VQ-WAE ms | VQ-WAE overlap ms | VQ-WAE / VQ-VAE | overlap / VQ-VAE |",
+              "|---|---|---|---|---|---|---|"]
+    for s in r["steps"]:
+        lines.append(f"| batch {s['batch']}, {s['latent_grid']}x{s['latent_grid']} grid, K=512, D=64 | {s['weights']} | "
+                     f"{s['vqvae_ms']:.1f} | {s['vqwae_ms']:.1f} | {s['vqwae_overlap_ms']:.1f} | "
+                     f"{s['ratio_vqwae_vqvae']:.2f} | {s['ratio_vqwae_overlap_vqvae']:.2f} |")
+    lines += ["\n## Wasserstein term vs problem size (Gaussian inputs, exact solver, forward + backward)\n",
+              "| varied | M | K | B | ms |", "|---|---|---|---|---|"]
+    lines += [f"| {s['vary']} | {s['M']} | {s['K']} | {s['B']} | {s['ms']:.1f} |" for s in r["scaling"]]
+    s = r["sampling"]
+    lines += ["\n## Prior sampling\n", "| KV cache | samples/s |", "|---|---|",
+              f"| on | {s['cache_samples_per_s']:.1f} |", f"| off | {s['no_cache_samples_per_s']:.1f} |",
+              f"\nCache speed-up: {s['speedup']:.2f}x ({s['num_samples']} samples of {s['sequence_length']} codes, {s['prior']}).\n"]
+    f = r["fid"]
+    lines += ["## FID feature extraction\n",
+              (f"{f['images_per_s']:.1f} images/s ({f['images']} images, {f['input']})." if "images_per_s" in f
+               else f"Not measured: {f['error']}")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="runs/bench")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (a smoke test)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    q = args.quick
+    report = {"machine": machine()}
+    report["wasserstein"] = bench_wasserstein(2 if q else 5, [0.1] if q else [0.1, 0.03, 0.01])
+    report["steps"] = [bench_step(32, 32, 2 if q else 10, True)]
+    if not q:
+        report["steps"].append(bench_step(32, 64, 4, False))
+    report["scaling"] = bench_scaling(1 if q else 2)
+    report["sampling"] = bench_sampling(1 if q else 3, 8 if q else 32)
+    report["fid"] = bench_fid(1 if q else 2, 16 if q else 32)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out / "bench.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
