@@ -12,13 +12,14 @@ repeated to 3 channels. The dataset figure is the mean of the per-image distance
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.io import file_sha256
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 # torchvision names its checkpoints <name>-<first 8 hex digits of the file's sha256>.pth and checks that on download.
@@ -36,14 +37,6 @@ def alexnet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_weights() -> tuple[Path, str]:
     """(path, sha256) of verified AlexNet weights, else LPIPSUnavailable naming the remedy."""
     if importlib.util.find_spec("lpips") is None:
@@ -54,7 +47,7 @@ def check_weights() -> tuple[Path, str]:
             f"AlexNet ImageNet weights for the LPIPS trunk are not at {path} and are not downloaded here; "
             f"fetch {ALEXNET_URL} into that folder (or set TORCH_HOME) to get LPIPS"
         )
-    sha = _sha256(path)
+    sha = file_sha256(path)
     if not sha.startswith(ALEXNET_SHA256_PREFIX):
         raise LPIPSUnavailable(
             f"{path} does not match torchvision's AlexNet weights (sha256 {sha[:16]}..., expected {ALEXNET_SHA256_PREFIX}...); "

@@ -29,10 +29,9 @@ from eval.plots import save_usage_histograms
 from eval.report import PROTOCOL_TEXT
 from stage1_tokenizer.model import WEIGHTS_NAME
 
-from .config import ConfigError, load_config, parse_override, to_dict
+from .config import ConfigError, from_dict, load_config, parse_override, to_dict
 from .evaluate import EvalConfig, evaluate_run
-from .extract_codes import file_sha256
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, file_sha256
 from .train_tokenizer import TokenizerJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +84,10 @@ def is_finished(tokenizer_dir: Path, cfg: TokenizerJobConfig) -> bool:
     job = tokenizer_dir / "job_config.yaml"
     if not (tokenizer_dir / WEIGHTS_NAME).is_file() or not (tokenizer_dir / "metrics.json").is_file() or not job.is_file():
         return False
-    saved = yaml.safe_load(job.read_text()) or {}
+    try:  # read back through the config class: settings added since the run started take their defaults
+        saved = to_dict(from_dict(TokenizerJobConfig, yaml.safe_load(job.read_text()) or {}))
+    except ConfigError:
+        return False
     current = to_dict(cfg)
     # train.resume only says how the run was started; everything else must match for the run to count as done.
     saved.get("train", {}).pop("resume", None)

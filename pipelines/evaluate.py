@@ -26,8 +26,8 @@ from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
 from .config import ConfigError, load_config, to_dict
 from .datasets import build_splits
-from .extract_codes import file_sha256, job_seed, tokenizer_data_config
-from .io import CheckpointError, atomic_write_json, atomic_write_text
+from .extract_codes import job_seed, tokenizer_data_config
+from .io import CheckpointError, atomic_write_json, atomic_write_text, file_sha256
 
 
 @dataclass

@@ -10,7 +10,6 @@ the codes describe the same images the tokenizer was trained on. The prior train
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,9 @@ from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
 from .config import ConfigError, apply_overrides, from_dict
 from .datasets import DataConfig, build_splits, dataset_info
-from .io import CheckpointError, atomic_save_safetensors, atomic_write_json
+from .io import CheckpointError, atomic_save_safetensors, atomic_write_json, file_sha256
 
 SPLITS = ("train", "val", "test")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -29,8 +29,8 @@ from stage2_prior.sampling import sample_codes
 
 from .config import ConfigError, load_config, to_dict
 from .datasets import DataConfig, build_splits
-from .extract_codes import job_seed, file_sha256, tokenizer_data_config
-from .io import atomic_write_json, write_directory_atomically
+from .extract_codes import job_seed, tokenizer_data_config
+from .io import atomic_write_json, file_sha256, write_directory_atomically
 
 
 @dataclass

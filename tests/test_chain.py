@@ -11,28 +11,13 @@ import torch
 from pipelines.datasets import DataConfig, build_splits
 from pipelines.extract_codes import load_codes
 from stage1_tokenizer.model import Tokenizer
+from helpers import job, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
                   "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
 PRIOR_ARGS = ["prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2", "train.batch_size=16",
               "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6"]
-
-
-def job(module, *args, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def one_line_error(proc, fragment):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
-    assert last.startswith("error: ") and fragment in last, last
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +101,15 @@ def test_interrupted_sampling_leaves_no_scored_partial_set(chain, tmp_path, monk
                      "num_samples=6", "fid=false"])
     assert not (out / "images").exists() and not (out / "metrics.json").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".images")]
+
+
+def test_prior_trains_in_two_processes(chain, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*launcher, "-m", "pipelines.train_prior", "--codes", str(chain / "codes"), "--output",
+                           str(tmp_path / "prior"), "--config", "configs/prior.yaml", *PRIOR_ARGS, "train.max_steps=4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "prior" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["max_param_difference_across_processes"] == 0.0

@@ -1,9 +1,6 @@
 """The evaluation layer: metrics against independent references, LPIPS availability, report and compare jobs."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +14,12 @@ from eval.fid import feature_statistics, fid_from_features, frechet_distance
 from eval.image_metrics import psnr_per_image, ssim_per_image
 from eval.report import fid_against_statistics
 from pipelines.datasets import DataConfig, build_splits
+from helpers import job, one_line_error
+from pipelines.io import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.limit=48", "train.batch_size=16", "quantizer.codebook_size=16", "network.hidden_channels=8",
         "network.residual_channels=4", "train.max_steps=3", "train.eval_every=3", "train.eval_batch_size=48"]
-
-
-def job(module, *args, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def one_line_error(proc, fragment):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
-    assert last.startswith("error: ") and fragment in last, last
-    assert "Traceback" not in proc.stderr
 
 
 def real_images(data_root, n=12):
@@ -130,7 +113,7 @@ def test_lpips_with_weights_present(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     path = _fake_alexnet(tmp_path)
     # Stand-in weights pass the check only because the expected hash is patched to theirs.
-    monkeypatch.setattr(lpips_metric, "ALEXNET_SHA256_PREFIX", lpips_metric._sha256(path)[:8])
+    monkeypatch.setattr(lpips_metric, "ALEXNET_SHA256_PREFIX", file_sha256(path)[:8])
     model, provenance = lpips_metric.build_lpips()
     state = torch.load(path, weights_only=True)
     torch.testing.assert_close(getattr(model.net.slice1, "0").weight, state["features.0.weight"])

@@ -1,6 +1,5 @@
 """Exactness of the batched OT loss against a naive per-position loop of POT's ot.emd2 (torch backend)."""
 
-import numpy as np
 import ot
 import pytest
 import torch
