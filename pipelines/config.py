@@ -146,9 +146,3 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     """Load `cls` from an optional YAML file, then apply dotted overrides; validate everything."""
     values = load_yaml(path) if path else {}
     return from_dict(cls, apply_overrides(values, list(overrides or [])))
-
-
-def save_yaml(obj: Any, path: str | Path) -> None:
-    from pipelines.io import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=False))
