@@ -77,6 +77,24 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     _fsync_dir(path.parent)
 
 
+def read_stored_mapping(path: Path, what: str, missing_hint: str) -> dict[str, Any]:
+    """A config stored beside weights (.json or .yaml), as a dict; anything else is a CheckpointError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at '{path.parent}' ({path.name} missing); {missing_hint}")
+    fmt = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text()
+        values = json.loads(text) if fmt == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError):
+        raise CheckpointError(f"{what} config '{path}' is corrupt (not valid {fmt})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{what} config '{path}' is corrupt (not a mapping)")
+    return values
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():

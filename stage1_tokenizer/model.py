@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.io import CheckpointError, atomic_save_safetensors, atomic_write_text, load_safetensors
+from pipelines.io import CheckpointError, atomic_save_safetensors, atomic_write_text, load_safetensors, read_stored_mapping
 
 from .networks import Decoder, Encoder, NetworkConfig
 from .quantizers import QuantizerConfig, build_quantizer
@@ -98,24 +98,14 @@ class Tokenizer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        state = {k: v for k, v in self.state_dict().items()}
-        atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "model": "vq-tokenizer"})
+        atomic_save_safetensors(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt", "model": "vq-tokenizer"})
         atomic_write_text(directory / CONFIG_NAME, yaml.safe_dump(to_dict(self.config), sort_keys=False))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "Tokenizer":
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise CheckpointError(
-                f"no tokenizer at '{directory}' ({CONFIG_NAME} missing); train one with 'make tokenizer' or check the path"
-            )
-        try:
-            values = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError:
-            raise CheckpointError(f"tokenizer config '{config_path}' is corrupt (not valid YAML)") from None
-        if not isinstance(values, dict):
-            raise CheckpointError(f"tokenizer config '{config_path}' is corrupt (not a mapping)")
+        values = read_stored_mapping(config_path, "tokenizer", "train one with 'make tokenizer' or check the path")
         try:
             cfg = from_dict(TokenizerConfig, values)
         except ConfigError as err:

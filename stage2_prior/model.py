@@ -18,7 +18,6 @@ Weights are stored the `transformers` way (model.safetensors + config.json) plus
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.io import CheckpointError, atomic_write_json, load_safetensors
+from pipelines.io import CheckpointError, atomic_write_json, load_safetensors, read_stored_mapping
 
 PRIOR_CONFIG_NAME = "prior_config.json"
 HF_CONFIG_NAME = "config.json"
@@ -344,16 +343,7 @@ class CodePrior(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CodePrior":
         directory = Path(directory)
         config_path = directory / PRIOR_CONFIG_NAME
-        if not config_path.is_file():
-            raise CheckpointError(
-                f"no prior at '{directory}' ({PRIOR_CONFIG_NAME} missing); train one or check the path"
-            )
-        try:
-            values = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"prior config '{config_path}' is corrupt (not valid JSON)") from None
-        if not isinstance(values, dict):
-            raise CheckpointError(f"prior config '{config_path}' is corrupt (not a mapping)")
+        values = read_stored_mapping(config_path, "prior", "train one with 'make prior' or check the path")
         try:
             cfg = from_dict(PriorConfig, values)
         except ConfigError as err:
@@ -362,12 +352,7 @@ class CodePrior(nn.Module):
         hf_path = directory / HF_CONFIG_NAME
         if not hf_path.is_file():
             raise CheckpointError(f"prior '{directory}' is incomplete: {HF_CONFIG_NAME} is missing")
-        try:
-            hf_values = json.loads(hf_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"transformer config '{hf_path}' is corrupt (not valid JSON)") from None
-        if not isinstance(hf_values, dict):
-            raise CheckpointError(f"transformer config '{hf_path}' is corrupt (not a mapping)")
+        hf_values = read_stored_mapping(hf_path, "transformer", "")
         model = cls(cfg)
         expected = model.model.config.to_dict()
         for key in ("model_type", "vocab_size", "n_positions", "max_position_embeddings", "n_embd", "hidden_size", "n_layer", "num_hidden_layers"):
