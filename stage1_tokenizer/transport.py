@@ -59,11 +59,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from ot.lp.emd_wrap import emd_c
+
+from .shortest_path_solver import OK, STATUS_NAMES, solve_position
 
 __all__ = [
     "wasserstein_loss",
@@ -76,10 +79,15 @@ __all__ = [
     "SOLVERS",
 ]
 
-SOLVERS = ("dense", "sinkhorn", "auto")
-EXACT_SOLVERS = ("dense",)
-AUTO_ACCELERATOR_SOLVER = "dense"
-DEFAULT_SOLVER = "dense"
+SOLVERS = ("exact", "dense", "sinkhorn", "auto")
+EXACT_SOLVERS = ("exact", "dense")
+AUTO_ACCELERATOR_SOLVER = "exact"
+DEFAULT_SOLVER = "exact"
+_MASS_TOL = 1e-13  # latent marginals balance to this (weights are normalized to total mass 1)
+_GAP_TOL = 1e-9  # certified duality gap, relative to the largest cost entry
+# Where the shortest-path solver wins (Gaussian problems, make bench): 2.4x POT at B = 32, K = 512; 1.9x at B = 64;
+# even at B = 128 or K = 4B; slower beyond. Outside that range "exact" runs POT's network simplex.
+_MAX_SHORTEST_PATH_LATENTS = 128
 _OPTIMAL = 1  # ProblemType code of POT's network simplex
 _RESULT_NAMES = {0: "infeasible", 1: "optimal", 2: "unbounded", 3: "max_iter_reached"}
 
@@ -173,29 +181,41 @@ def _center_and_fill(u, v, a, b, C):
     return u, v
 
 
-def _solve_dense(a, b, C, num_iter_max, m):
-    """Full network simplex on one K x B problem; returns plan, cost, u, v (u, v POT-processed)."""
+def _solve_dense(a, b, C, plan, num_iter_max, m):
+    """Full network simplex on one K x B problem; writes ``plan``, returns cost, u, v (POT-processed)."""
     keep = a > 0
     if keep.all():
         G, cost, u, v, rc = emd_c(a, b, C, num_iter_max, 1)
+        plan[...] = G
     else:
         Gs, cost, us, vs, rc = emd_c(np.ascontiguousarray(a[keep]), b, np.ascontiguousarray(C[keep]), num_iter_max, 1)
-        G = np.zeros_like(C)
-        G[keep] = Gs
+        plan[...] = 0.0
+        plan[keep] = Gs
         u = np.zeros(a.shape[0])
         u[keep] = us
         v = vs
     _check(rc, m)
     u, v = _center_and_fill(u, v, a, b, C)
-    return G, cost, u, v
+    return cost, u, v
 
 
-def _stack_results(res):
-    plans = np.stack([r[0] for r in res])
-    costs = np.array([r[1] for r in res])
-    U = np.stack([r[2] for r in res])
-    V = np.stack([r[3] for r in res])
-    return plans, costs, U, V
+def _solve_exact(a, b, C, plan, num_iter_max, m):
+    """Shortest-path solver (``shortest_path_solver``); POT's network simplex if it cannot certify optimality."""
+    K, B = C.shape
+    if B > _MAX_SHORTEST_PATH_LATENTS or 4 * B > K:
+        return _solve_dense(a, b, C, plan, num_iter_max, m)  # the latent side is not the small one
+    u, v = np.empty(K), np.empty(B)
+    cost, status, _ = solve_position(C, a, b, plan, u, v, _MASS_TOL, _GAP_TOL)
+    if status != OK:
+        warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[status]} at position {m}; "
+                      "solved with POT's network simplex instead", RuntimeWarning, stacklevel=2)
+        return _solve_dense(a, b, C, plan, num_iter_max, m)
+    # Zero-weight codewords already hold their c-transform, which is what POT's rule would give them.
+    c = (b @ v - a @ u) / (a.sum() + b.sum())
+    return cost, u + c, v - c
+
+
+_HOST_SOLVERS = {"exact": _solve_exact, "dense": _solve_dense}
 
 
 def submit_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000,
@@ -203,10 +223,21 @@ def submit_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num
     """Start solving M problems; returns a function that waits and gives ``solve_batch``'s result."""
     Mn, K, B = C.shape
     b = np.full(B, 1.0 / B)
-    if solver != "dense":
+    if solver not in _HOST_SOLVERS:
         raise ValueError(f"host solver must be one of {EXACT_SOLVERS}, got {solver!r}")
-    join = _submit(lambda m: _solve_dense(a[m], b, C[m], num_iter_max, m), list(range(Mn)), background)
-    return lambda: _stack_results(join())
+    solve = _HOST_SOLVERS[solver]
+    plans, costs, U, V = np.empty((Mn, K, B)), np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B))
+
+    def one(m):
+        costs[m], U[m], V[m] = solve(a[m], b, C[m], plans[m], num_iter_max, m)
+
+    join = _submit(one, list(range(Mn)), background)
+
+    def results():
+        join()
+        return plans, costs, U, V
+
+    return results
 
 
 def solve_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000):
@@ -251,7 +282,7 @@ class PendingLoss:
         return self._value
 
 
-def _start_dense(cost, weights, num_iter_max, background):
+def _start_host(cost, weights, solver, num_iter_max, background):
     # One host copy of cost and weights, as float64.
     host = torch.cat([cost.detach().reshape(cost.shape[0], -1), weights.detach()], 1).to("cpu", torch.float64)
     host = host.numpy()
@@ -264,15 +295,20 @@ def _start_dense(cost, weights, num_iter_max, background):
     if (a < 0).any() or (total <= 0).any():
         raise ValueError("weights must be nonnegative with positive row sums")
     a = a / total
-    wait = submit_batch(C, a, "dense", num_iter_max, background)
+    wait = submit_batch(C, a, solver, num_iter_max, background)
+    if not background:
+        # Solve now: solver threads running beside the caller's next PyTorch ops oversubscribe the cores.
+        done = wait()
+        wait = lambda: done  # noqa: E731
 
     def join():
         plans, costs, U, _ = wait()
         Uc = U - U.mean(1, keepdims=True)
-        # One copy back to the device for plans and potentials.
-        back = torch.from_numpy(np.concatenate([plans.reshape(Mn, -1), Uc], 1))
-        back = back.to(device=cost.device, dtype=cost.dtype)
         value = torch.as_tensor(costs.sum(), dtype=cost.dtype, device=cost.device)
+        if cost.device.type == "cpu":
+            return value, torch.from_numpy(plans).to(cost.dtype), torch.from_numpy(Uc).to(cost.dtype)
+        # One copy back to the device for plans and potentials.
+        back = torch.from_numpy(np.concatenate([plans.reshape(Mn, -1), Uc], 1)).to(device=cost.device, dtype=cost.dtype)
         return value, back[:, : K * B].reshape(Mn, K, B), back[:, K * B :]
 
     return join
@@ -357,7 +393,7 @@ def resolve_solver(solver: str | None, device: torch.device | str) -> str:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "auto":
         # Measured on the CPU; argued for accelerators (module docstring): exact everywhere for now.
-        return "dense" if torch.device(device).type == "cpu" else AUTO_ACCELERATOR_SOLVER
+        return "exact" if torch.device(device).type == "cpu" else AUTO_ACCELERATOR_SOLVER
     return solver
 
 
@@ -410,7 +446,7 @@ def start_wasserstein_loss(
     if solver == "sinkhorn":
         join = _start_sinkhorn(cost, weights, float(epsilon), state, float(tol), int(max_iter))
     else:
-        join = _start_dense(cost, weights, int(num_iter_max), background)
+        join = _start_host(cost, weights, solver, int(num_iter_max), background)
     return PendingLoss(cost, weights, join)
 
 

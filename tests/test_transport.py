@@ -180,12 +180,12 @@ def test_sinkhorn_warm_start_and_float32():
 
 
 def test_auto_picks_per_device():
-    assert resolve_solver("auto", "cpu") == "dense"
-    assert resolve_solver("auto", torch.device("cuda", 0)) in ("dense", "sinkhorn")
-    assert resolve_solver(None, "cpu") == "dense"
+    assert resolve_solver("auto", "cpu") == "exact"
+    assert resolve_solver("auto", torch.device("cuda", 0)) in ("exact", "dense", "sinkhorn")
+    assert resolve_solver(None, "cpu") == "exact"
     z, c, w = _problem(3, 16, 5, seed=23)
     with torch.no_grad():
-        assert float(wasserstein_loss(z, c, w, solver="auto")) == float(wasserstein_loss(z, c, w, solver="dense"))
+        assert float(wasserstein_loss(z, c, w, solver="auto")) == float(wasserstein_loss(z, c, w, solver="exact"))
 
 
 def test_background_solve_gives_the_same_loss_and_gradients():

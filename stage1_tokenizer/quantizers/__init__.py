@@ -21,8 +21,9 @@ class QuantizerConfig:
     weights: Literal["learned", "uniform"] = "learned"
     form: Literal["per_position", "global"] = "per_position"
     init: Literal["uniform", "reference"] = "uniform"
-    # vqwae transport: "dense" exact (default), "sinkhorn" entropic with relative epsilon, "auto" per device
-    solver: Literal["dense", "sinkhorn", "auto"] = "dense"
+    # vqwae transport: "exact" (default: shortest paths over the latents), "dense" (exact, POT's network
+    # simplex), "sinkhorn" (entropic, relative epsilon), "auto" per device
+    solver: Literal["exact", "dense", "sinkhorn", "auto"] = "exact"
     epsilon: float = 0.01  # sinkhorn only, relative to the cost's scale (see stage1_tokenizer/transport.py)
     # several processes: "local" solves each process's batch, "global_batch" the latents gathered from all processes
     transport_scope: Literal["local", "global_batch"] = "local"

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import torch.distributed as dist
 
-from ..transport import SinkhornState, resolve_solver, start_wasserstein_loss
+from ..transport import EXACT_SOLVERS, SinkhornState, resolve_solver, start_wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity
 
 
@@ -57,7 +57,7 @@ class VQWAEQuantizer(Quantizer):
         learn_weights: bool = True,
         global_transport: bool = False,
         init: str = "uniform",
-        solver: str = "dense",
+        solver: str = "exact",
         transport_scope: str = "local",
         epsilon: float = 0.01,
         overlap: str = "auto",
@@ -120,7 +120,7 @@ class VQWAEQuantizer(Quantizer):
             latents = latents.reshape(1, h * w * b, d)
         latents, ot_weights, scale = self._gather(latents, weights)
         solver = resolve_solver(self.solver, z.device)
-        background = solver == "dense" and (
+        background = solver in EXACT_SOLVERS and (
             self.overlap == "on" or (self.overlap == "auto" and z.device.type != "cpu")
         )
         pending = start_wasserstein_loss(
