@@ -11,9 +11,11 @@ Each step keeps reduced costs nonnegative and the plan on tight edges, so the re
 Cost per problem on a trained tokenizer's latents (K = 512, B = 32, near-uniform weights): about 0.9 ms
 against 2.1 ms for POT's network simplex (``make bench``).
 
-Layout follows ``transport``: C is (K, B) with C[k, i] = ||codebook[k] - latent[i]||^2, codeword weights
-``a`` (K,), latent weights ``b`` (B,). Outputs: plan X (K, B), codeword potentials q (K,), latent potentials
-p (B,) with q[k] + p[i] <= C[k, i] everywhere and equality wherever X[k, i] > 0.
+Layout: C[k, i] = ||codebook[k] - latent[i]||^2 with codeword weights ``a`` (K,) and latent weights ``b`` (B,);
+the solver takes C transposed, CT (B, K), and writes the plan transposed, X (B, K): the layout in which one matrix
+product gives every cost and the gradient's products read the plan without a copy. Outputs besides X: codeword
+potentials q (K,), latent potentials p (B,), with q[k] + p[i] <= C[k, i] everywhere and equality wherever
+X[i, k] > 0.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import numpy as np
 from numba import njit
 
 INF = np.inf
-OK, NO_PROGRESS, GAP = 0, 1, 2  # statuses of solve_position; the caller falls back to POT on anything but OK
-STATUS_NAMES = {OK: "optimal", NO_PROGRESS: "no augmenting path", GAP: "duality gap above tolerance"}
+# Statuses of solve_position: the caller falls back to POT on NO_PROGRESS or GAP, and rejects NON_FINITE input.
+OK, NO_PROGRESS, GAP, NON_FINITE = 0, 1, 2, 3
+STATUS_NAMES = {OK: "optimal", NO_PROGRESS: "no augmenting path", GAP: "duality gap above tolerance",
+                NON_FINITE: "cost or weights not finite"}
 
 
 @njit(cache=True, nogil=True)
@@ -44,6 +48,26 @@ def _best_two(C, p, k):
 
 
 @njit(cache=True, nogil=True)
+def _best_two_args(C, p, k):
+    """``_best_two`` with the argmin of the second smallest too."""
+    b1 = INF
+    b2 = INF
+    i1 = 0
+    i2 = 0
+    for j in range(C.shape[1]):
+        v = C[k, j] - p[j]
+        if v < b1:
+            b2 = b1
+            i2 = i1
+            b1 = v
+            i1 = j
+        elif v < b2:
+            b2 = v
+            i2 = j
+    return b1, b2, i1, i2
+
+
+@njit(cache=True, nogil=True)
 def _balance_potentials(C, CT, a, b, p):
     """One sweep of coordinate ascent on the latent potentials: latent i in turn takes the price at which the
     codewords preferring it weigh b[i]. Cheap and not optimal (the dual is not smooth), but it cuts the
@@ -54,8 +78,9 @@ def _balance_potentials(C, CT, a, b, p):
     arg1 = np.empty(K, np.int64)
     buf_t = np.empty(K + 1)  # thresholds of the cheapest codewords, sorted, just enough to weigh b[i]
     buf_a = np.empty(K + 1)
+    arg2 = np.empty(K, np.int64)
     for k in range(K):
-        best1[k], best2[k], arg1[k] = _best_two(C, p, k)
+        best1[k], best2[k], arg1[k], arg2[k] = _best_two_args(C, p, k)
     for i in range(B):
         n = 0
         total = 0.0
@@ -85,17 +110,23 @@ def _balance_potentials(C, CT, a, b, p):
         pi = p[i]
         for k in range(K):
             v = CT[i, k] - pi
+            # Kept approximately (the second best may go stale): these potentials are only a starting point.
             if arg1[k] == i:
                 if v <= best2[k]:
                     best1[k] = v
                 else:
-                    best1[k], best2[k], arg1[k] = _best_two(C, p, k)
+                    best1[k] = best2[k]
+                    arg1[k] = arg2[k]
+                    best2[k] = v
+                    arg2[k] = i
             elif v < best1[k]:
                 best2[k] = best1[k]
+                arg2[k] = arg1[k]
                 best1[k] = v
                 arg1[k] = i
             elif v < best2[k]:
                 best2[k] = v
+                arg2[k] = i
 
 
 @njit(cache=True, nogil=True)
@@ -165,8 +196,8 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
             hop_to[hops] = node
             hop_code[hops] = k
             hops += 1
-            if X[k, i] < delta:
-                delta = X[k, i]
+            if X[i, k] < delta:
+                delta = X[i, k]
             node = i
         root = node
         if excess[root] < delta:
@@ -175,7 +206,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
             i = hop_from[h]
             j = hop_to[h]
             k = hop_code[h]
-            X[k, j] += delta
+            X[j, k] += delta
             if slot[k, j] < 0:
                 qk = code_pot[i, slot[k, i]] + offset[i]
                 c = count[j]
@@ -189,8 +220,8 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
                     if v < move[j, l]:
                         move[j, l] = v
                         move_code[j, l] = k
-            if X[k, i] <= delta:
-                X[k, i] = 0.0
+            if X[i, k] <= delta:
+                X[i, k] = 0.0
                 r = slot[k, i]
                 c = count[i] - 1
                 last = codes[i, c]
@@ -211,7 +242,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
                         move[i, l] = best
                         move_code[i, l] = kb
             else:
-                X[k, i] -= delta
+                X[i, k] -= delta
         excess[target] = 0.0 if delta >= -excess[target] else excess[target] + delta
         excess[root] = 0.0 if delta >= excess[root] else excess[root] - delta
         augmentations += 1
@@ -220,20 +251,27 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
 
 
 @njit(cache=True, nogil=True)
-def solve_position(C, a, b, X, q, p, mass_tol, gap_tol):
-    """Exact OT for one position. C (K, B), a (K,) >= 0, b (B,) > 0 with equal sums (normalized to 1).
+def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
+    """Exact OT for one position. CT (B, K) the transposed cost, a (K,) >= 0, b (B,) > 0, equal sums (normalized to 1).
 
-    Writes the plan X, codeword potentials q and latent potentials p; returns (cost, status, augmentations).
+    Writes the transposed plan X (B, K), codeword potentials q and latent potentials p; returns (cost, status, augmentations).
     ``status`` is OK only when the plan balances within ``mass_tol`` and its cost equals the dual objective
     a.q + b.p within ``gap_tol`` (relative), with q + p <= C up to the same tolerance: a certificate of
     optimality computed from the outputs themselves."""
-    K, B = C.shape
-    X[:, :] = 0.0
-    p[:] = 0.0
+    B, K = CT.shape
+    for i in range(B):
+        for k in range(K):
+            if not np.isfinite(CT[i, k]):
+                return 0.0, NON_FINITE, 0
     positive = 0
     for k in range(K):
+        if not np.isfinite(a[k]):
+            return 0.0, NON_FINITE, 0
         if a[k] > 0:
             positive += 1
+    C = np.ascontiguousarray(CT.T)
+    X[:, :] = 0.0
+    p[:] = 0.0
     unit = 1.0 / positive
     same_mass = True
     for k in range(K):
@@ -246,14 +284,14 @@ def solve_position(C, a, b, X, q, p, mass_tol, gap_tol):
         for k in range(K):
             unit_a[k] = unit if a[k] > 0 else 0.0
     if B > 1:
-        _balance_potentials(C, np.ascontiguousarray(C.T), unit_a, b, p)
+        _balance_potentials(C, CT, unit_a, b, p)
 
     # Every codeword to its cheapest latent; lists of each latent's codewords with positive mass. A codeword's
     # potential is stored per list entry relative to the latent's offset, so a potential update is O(B).
-    codes = np.empty((B, K), np.int64)
+    codes = np.empty((B, K), np.int32)
     code_pot = np.empty((B, K))  # q[k] = code_pot[i, slot] + offset[i] for k = codes[i, slot]
     count = np.zeros(B, np.int64)
-    slot = np.full((K, B), -1, np.int64)
+    slot = np.full((K, B), -1, np.int32)
     offset = np.zeros(B)
     excess = np.empty(B)
     for j in range(B):
@@ -261,12 +299,12 @@ def solve_position(C, a, b, X, q, p, mass_tol, gap_tol):
     # move[i, j]: min over latent i's codewords k of C[k, j] - q[k] (+ offset[i]); its reduced cost is
     # move[i, j] - offset[i] - p[j], and move_code[i, j] is that k.
     move = np.full((B, B), INF)
-    move_code = np.full((B, B), -1, np.int64)
+    move_code = np.full((B, B), -1, np.int32)
     for k in range(K):
         b1, b2, i1 = _best_two(C, p, k)
         q[k] = b1
         if a[k] > 0:
-            X[k, i1] = unit_a[k]
+            X[i1, k] = unit_a[k]
             excess[i1] += unit_a[k]
             c = count[i1]
             slot[k, i1] = c
@@ -294,8 +332,8 @@ def solve_position(C, a, b, X, q, p, mass_tol, gap_tol):
         for i in range(B):
             for s in range(count[i]):
                 k = codes[i, s]
-                X[k, i] *= a[k] / unit
-                excess[i] += X[k, i]
+                X[i, k] *= a[k] / unit
+                excess[i] += X[i, k]
         status, more = _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move, move_code,
                                        mass_tol, max_augmentations)
         augmentations += more
@@ -316,7 +354,7 @@ def solve_position(C, a, b, X, q, p, mass_tol, gap_tol):
     for k in range(K):
         for j in range(B):
             ckj = C[k, j]
-            cost += X[k, j] * ckj
+            cost += X[j, k] * ckj
             if ckj > scale:
                 scale = ckj
             slack = ckj - q[k] - p[j]
@@ -332,3 +370,29 @@ def solve_position(C, a, b, X, q, p, mass_tol, gap_tol):
     if abs(cost - dual) > tol or worst < -tol:
         return cost, GAP, augmentations
     return cost, OK, augmentations
+
+
+@njit(cache=True, nogil=True)
+def solve_positions(C_t, A, b, positions, plans_t, costs, U, V, status, mass_tol, gap_tol):
+    """``solve_position`` over ``positions`` (one call per worker thread, no Python in between): C_t (M, B, K),
+    A (M, K), plans_t (M, B, K). Potentials are centred as POT's ``center_ot_dual`` does (a.u = b.v)."""
+    for r in range(positions.shape[0]):
+        m = positions[r]
+        cost, st, _ = solve_position(C_t[m], A[m], b, plans_t[m], U[m], V[m], mass_tol, gap_tol)
+        costs[m] = cost
+        status[m] = st
+        if st == OK:
+            au = 0.0
+            total = 0.0
+            for k in range(A.shape[1]):
+                au += A[m, k] * U[m, k]
+                total += A[m, k]
+            bv = 0.0
+            for j in range(b.shape[0]):
+                bv += b[j] * V[m, j]
+                total += b[j]
+            shift = (bv - au) / total
+            for k in range(A.shape[1]):
+                U[m, k] += shift
+            for j in range(b.shape[0]):
+                V[m, j] -= shift

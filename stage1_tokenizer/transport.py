@@ -7,28 +7,36 @@
 with W the exact (unregularized) optimal-transport cost for the squared Euclidean ground cost. Its
 gradients are those of POT's ``ot.emd2`` (torch backend) applied position by position:
 d/d(cost matrix) = optimal plan, d/d(weights[m]) = u_m - mean(u_m) with u_m the codeword-side dual
-potential; latents/codebook gradients follow by autograd through the cost tensor, built in torch.
+potential; the latents/codebook gradients are the plan's, by two matrix products (``_TransportLoss``),
+with no autograd graph through the (M, K, B) cost tensor.
 
 Design
-- The (M, K, B) cost tensor is built on the inputs' device, copied to the host once as float64,
-  the M problems are solved by POT's C network simplex in a module-level thread pool (the C code
-  releases the GIL), and plans/potentials go back to the device in one copy.
+- The cost is built on the inputs' device by one matrix product, laid out (M, B, K) (latent-major: the
+  layout in which the solvers write the plan and the gradient's products read it without a copy), copied to
+  the host once as float64; the M problems are solved in a module-level thread pool (the solvers release
+  the GIL; the caller's thread takes a share), and plans/potentials go back to the device in one copy.
 - Each weights row is renormalized in float64 before solving (float32 softmax rows sum to 1 only
   within ~1e-7), so the solver's mass balance holds.
-- A solver that does not report optimality raises ``RuntimeError`` (a silently wrong gradient is
-  worse than a stopped run); raise ``num_iter_max`` if that ever happens.
-- The solver is POT's exact network simplex (``"dense"``). Two problem-specific exact solvers were
-  tried and measured slower on the latents of a real training run: column generation over a sparse
-  edge set, and successive shortest paths over the B latents (fast on spread-out random problems,
-  slow on the tightly clustered latents a trained encoder produces at one position).
+- A solver never returns an unverified answer: POT's network simplex must report optimality (else
+  ``RuntimeError``: a silently wrong gradient is worse than a stopped run; raise ``num_iter_max``), and the
+  shortest-path solver certifies each position by its duality gap or hands it to the network simplex
+  with a warning.
 - Zero-weight codewords follow POT: the network simplex drops them, and their potentials are set
-  by ``ot.lp.estimate_dual_null_weights``' rule, after POT's centering. (With such codewords the
-  weights gradient is one valid choice among many, as in POT.)
+  by ``ot.lp.estimate_dual_null_weights``' rule, after POT's centering (the shortest-path solver gives
+  them the same value: the largest feasible one). With such codewords the weights gradient is one valid
+  choice among many, as in POT.
 - With uniform weights the problem is degenerate: the optimal dual is not unique, so the weights
   gradient may differ from another solver's by a different (equally valid) optimal dual.
+- The solve runs synchronously unless overlap is asked for: solver threads running beside the caller's
+  next PyTorch ops oversubscribe a small CPU (measured: a slower step).
 
 Solvers
-- ``"dense"`` (default): exact, as above.
+- ``"exact"`` (default): exact. Successive shortest paths over the B latents (``shortest_path_solver``,
+  numba), which exploits K >> B: about 3.5x faster per problem than the network simplex on a trained
+  tokenizer's latents at K = 512, B = 32; used where B <= 128 and K >= 4B, the network simplex elsewhere
+  (where it is as fast or faster: ``make bench``, scaling section).
+- ``"dense"``: exact, POT's network simplex (``emd_c``) on every position; the reference the tests and the
+  benchmark compare against. (Column generation over a sparse edge set was also tried: slower.)
 - ``"sinkhorn"``: entropic OT, log-domain Sinkhorn in torch on the inputs' device, all positions in
   one batched tensor program (no host transfer). epsilon is relative: eps_m = epsilon * std of the
   doubly-centred cost of position m (row and column shifts of the cost do not change the plan, so
@@ -42,20 +50,22 @@ Solvers
   ``make bench`` re-measures the gap (``sinkhorn``). A ``SinkhornState`` passed by the caller
   warm-starts the codeword potentials from the previous call (they are indexed by position and
   codeword, which persist across steps; the latent side is new every batch).
-- ``"auto"``: ``"dense"`` on every device today. On the CPU the exact solve is far cheaper than
+- ``"auto"``: ``"exact"`` on every device today. On the CPU the exact solve is far cheaper than
   Sinkhorn (every iteration streams the whole (M, K, B) tensor, and hundreds are needed). On an
   accelerator each iteration is a few cheap kernels, but at the iteration counts above (hundreds of
   iterations, ~6 kernel launches each) Sinkhorn costs about as much as the exact host solve, which
   in addition overlaps the decoder (see below) and is exact; ``resolve_solver`` is the one place to
   change this rule once GPU measurements say otherwise.
 
-Overlap: ``start_wasserstein_loss`` launches the host solve in the solver threads and returns a
-handle; the caller does other work (the decoder) and calls ``handle.result()`` for the loss.
-``wasserstein_loss`` is ``start_wasserstein_loss(...).result()``.
+Overlap: ``start_wasserstein_loss(..., background=True)`` launches the host solve in the solver threads
+and returns a handle; the caller does other work (the decoder) and calls ``handle.result()`` for the loss.
+Worth it when the networks run on an accelerator (the host cores are otherwise idle); on a 2-core CPU it
+is slower than solving first (``make bench``). ``wasserstein_loss`` is ``start_wasserstein_loss(...).result()``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -66,7 +76,7 @@ import numpy as np
 import torch
 from ot.lp.emd_wrap import emd_c
 
-from .shortest_path_solver import OK, STATUS_NAMES, solve_position
+from .shortest_path_solver import NON_FINITE, OK, STATUS_NAMES, solve_positions
 
 __all__ = [
     "wasserstein_loss",
@@ -140,14 +150,18 @@ def _submit(fn, items, background: bool = False):
         return lambda: out
     pool = _get_pool(max(1, n))
     n = max(1, min(n, len(items)))
-    # Strided chunks, one per thread, keep the per-task overhead small.
+    # Strided chunks, one per thread, keep the per-task overhead small; unless in the background, the caller's
+    # thread takes the first chunk itself.
     chunks = [items[i::n] for i in range(n)]
-    futures = [pool.submit(lambda chunk: [fn(x) for x in chunk], chunk) for chunk in chunks]
+    work = lambda chunk: [fn(x) for x in chunk]  # noqa: E731
+    futures = [pool.submit(work, chunk) for chunk in chunks[0 if background else 1 :]]
+    first = None if background else work(chunks[0])
 
     def join():
         out = [None] * len(items)
-        for i, fut in enumerate(futures):
-            out[i::n] = fut.result()
+        parts = ([] if background else [first]) + [fut.result() for fut in futures]
+        for i, part in enumerate(parts):
+            out[i::n] = part
         return out
 
     return join
@@ -181,16 +195,20 @@ def _center_and_fill(u, v, a, b, C):
     return u, v
 
 
-def _solve_dense(a, b, C, plan, num_iter_max, m):
-    """Full network simplex on one K x B problem; writes ``plan``, returns cost, u, v (POT-processed)."""
+def _solve_dense(a, b, C_t, plan_t, num_iter_max, m):
+    """Full network simplex on one problem given its transposed cost C_t (B, K); writes the plan transposed into
+    ``plan_t`` (B, K), returns cost, u, v (POT-processed)."""
+    if not np.isfinite(C_t).all():
+        raise ValueError("cost matrix or weights contain NaN/inf")
+    C = np.ascontiguousarray(C_t.T)
     keep = a > 0
     if keep.all():
         G, cost, u, v, rc = emd_c(a, b, C, num_iter_max, 1)
-        plan[...] = G
+        plan_t[...] = G.T
     else:
         Gs, cost, us, vs, rc = emd_c(np.ascontiguousarray(a[keep]), b, np.ascontiguousarray(C[keep]), num_iter_max, 1)
-        plan[...] = 0.0
-        plan[keep] = Gs
+        plan_t[...] = 0.0
+        plan_t[:, keep] = Gs.T
         u = np.zeros(a.shape[0])
         u[keep] = us
         v = vs
@@ -199,39 +217,51 @@ def _solve_dense(a, b, C, plan, num_iter_max, m):
     return cost, u, v
 
 
-def _solve_exact(a, b, C, plan, num_iter_max, m):
-    """Shortest-path solver (``shortest_path_solver``); POT's network simplex if it cannot certify optimality."""
-    K, B = C.shape
-    if B > _MAX_SHORTEST_PATH_LATENTS or 4 * B > K:
-        return _solve_dense(a, b, C, plan, num_iter_max, m)  # the latent side is not the small one
-    u, v = np.empty(K), np.empty(B)
-    cost, status, _ = solve_position(C, a, b, plan, u, v, _MASS_TOL, _GAP_TOL)
-    if status != OK:
-        warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[status]} at position {m}; "
+def _uses_shortest_paths(K: int, B: int) -> bool:
+    return B <= _MAX_SHORTEST_PATH_LATENTS and 4 * B <= K
+
+
+def _solve_exact_chunk(C_t, A, b, positions, plans_t, costs, U, V, num_iter_max):
+    """Shortest-path solver over some positions (``shortest_path_solver``); POT's network simplex for a position
+    where it cannot certify optimality (never seen; a warning says so)."""
+    status = np.zeros(C_t.shape[0], np.int64)
+    solve_positions(C_t, A, b, positions, plans_t, costs, U, V, status, _MASS_TOL, _GAP_TOL)
+    for m in positions[status[positions] != OK]:
+        if status[m] == NON_FINITE:
+            raise ValueError("cost matrix or weights contain NaN/inf")
+        warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[int(status[m])]} at position {m}; "
                       "solved with POT's network simplex instead", RuntimeWarning, stacklevel=2)
-        return _solve_dense(a, b, C, plan, num_iter_max, m)
-    # Zero-weight codewords already hold their c-transform, which is what POT's rule would give them.
-    c = (b @ v - a @ u) / (a.sum() + b.sum())
-    return cost, u + c, v - c
+        costs[m], U[m], V[m] = _solve_dense(A[m], b, C_t[m], plans_t[m], num_iter_max, m)
 
 
-_HOST_SOLVERS = {"exact": _solve_exact, "dense": _solve_dense}
+_HOST_SOLVERS = ("exact", "dense")
 
 
-def submit_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000,
+def submit_batch(C_t: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000,
                  background: bool = False):
-    """Start solving M problems; returns a function that waits and gives ``solve_batch``'s result."""
-    Mn, K, B = C.shape
+    """Start solving M problems given their costs transposed, C_t (M, B, K); returns a function that waits and
+    gives ``solve_batch``'s result with the plans transposed too, (M, B, K)."""
+    Mn, B, K = C_t.shape
     b = np.full(B, 1.0 / B)
     if solver not in _HOST_SOLVERS:
         raise ValueError(f"host solver must be one of {EXACT_SOLVERS}, got {solver!r}")
-    solve = _HOST_SOLVERS[solver]
-    plans, costs, U, V = np.empty((Mn, K, B)), np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B))
+    plans, costs, U, V = np.empty((Mn, B, K)), np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B))
+    if solver == "exact" and _uses_shortest_paths(K, B):
+        # One task per thread; each pulls small runs of positions until none is left (positions differ in cost).
+        n = max(1, min(get_num_threads(), Mn))
+        pieces = np.array_split(np.arange(Mn), min(Mn, 4 * n))
+        taken = itertools.count()  # next() is atomic under the GIL
 
-    def one(m):
-        costs[m], U[m], V[m] = solve(a[m], b, C[m], plans[m], num_iter_max, m)
+        def worker(_):
+            while (j := next(taken)) < len(pieces):
+                _solve_exact_chunk(C_t, a, b, pieces[j], plans, costs, U, V, num_iter_max)
 
-    join = _submit(one, list(range(Mn)), background)
+        join = _submit(worker, list(range(n)), background)
+    else:
+        def one(m):
+            costs[m], U[m], V[m] = _solve_dense(a[m], b, C_t[m], plans[m], num_iter_max, m)
+
+        join = _submit(one, list(range(Mn)), background)
 
     def results():
         join()
@@ -244,72 +274,92 @@ def solve_batch(C: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_
     """Solve M problems (C: (M, K, B) float64, a: (M, K) float64 rows summing to 1, b uniform).
 
     Returns plans (M, K, B), costs (M,), u (M, K), v (M, B) (potentials POT-centered)."""
-    return submit_batch(C, a, solver, num_iter_max)()
+    plans_t, costs, U, V = submit_batch(np.ascontiguousarray(C.transpose(0, 2, 1)), a, solver, num_iter_max)()
+    return plans_t.transpose(0, 2, 1), costs, U, V
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd
 
 
-class _PlanLoss(torch.autograd.Function):
-    """Value given; d/d(cost) = plan, d/d(weights) = centred codeword potential (both precomputed)."""
+class _TransportLoss(torch.autograd.Function):
+    """The loss given its optimal plan P and centred codeword potential u (both computed outside autograd).
+
+    With C[m, k, i] = ||c_k - z_mi||^2 and the plan held fixed (envelope theorem), P_t[m, i, k] = P[m, k, i]:
+    d/dz_mi = 2 (sum_k P_t[m, i, k]) z_mi - 2 sum_k P_t[m, i, k] c_k,
+    d/dc_k = 2 (sum_mi P_t[m, i, k]) c_k - 2 sum_mi P_t[m, i, k] z_mi, d/dweights = u.
+    Two matrix products on the (M, B, K) plan, no autograd graph through the (M, K, B) cost tensor."""
 
     @staticmethod
-    def forward(ctx, cost, weights, value, plan, u):
-        ctx.save_for_backward(plan, u)
+    def forward(ctx, latents, codebook, weights, value, plan_t, u):
+        ctx.save_for_backward(latents, codebook, plan_t, u)
         return value
 
     @staticmethod
     def backward(ctx, grad):
-        plan, u = ctx.saved_tensors
-        g_cost = grad * plan if ctx.needs_input_grad[0] else None
-        g_w = grad * u if ctx.needs_input_grad[1] else None
-        return g_cost, g_w, None, None, None
+        latents, codebook, plan_t, u = ctx.saved_tensors
+        g_z = g_c = g_w = None
+        two = 2.0 * grad
+        if ctx.needs_input_grad[0]:
+            g_z = two * (plan_t.sum(2, keepdim=True) * latents - torch.matmul(plan_t, codebook))
+        if ctx.needs_input_grad[1]:
+            flat = plan_t.reshape(-1, plan_t.shape[2])
+            g_c = two * (flat.sum(0)[:, None] * codebook - flat.T @ latents.reshape(-1, latents.shape[2]))
+        if ctx.needs_input_grad[2]:
+            g_w = grad * u
+        return g_z, g_c, g_w, None, None, None
 
 
 class PendingLoss:
     """A Wasserstein loss whose solve may still be running; ``result()`` waits and returns the scalar."""
 
-    def __init__(self, cost, weights, join):
-        self._cost, self._weights, self._join = cost, weights, join
+    def __init__(self, latents, codebook, weights, join):
+        self._inputs, self._join = (latents, codebook, weights), join
         self._value = None
 
     def result(self) -> torch.Tensor:
         if self._value is None:
             value, plan, u = self._join()
-            self._value = _PlanLoss.apply(self._cost, self._weights, value, plan, u)
-            self._cost = self._weights = self._join = None
+            self._value = _TransportLoss.apply(*self._inputs, value, plan, u)
+            self._inputs = self._join = None
         return self._value
 
 
-def _start_host(cost, weights, solver, num_iter_max, background):
-    # One host copy of cost and weights, as float64.
-    host = torch.cat([cost.detach().reshape(cost.shape[0], -1), weights.detach()], 1).to("cpu", torch.float64)
+def _start_host(cost_t, weights, solver, num_iter_max, background):
+    # One host copy of the transposed cost (M, B, K) and the weights, as float64, both contiguous views.
+    Mn, B, K = cost_t.shape
+    n = Mn * K * B
+    if cost_t.device.type == "cpu":  # one conversion pass, no concatenation
+        host = torch.empty(n + Mn * K, dtype=torch.float64)
+        host[:n].view(Mn, B, K).copy_(cost_t)
+        host[n:].view(Mn, K).copy_(weights.detach())
+    else:
+        host = torch.cat([cost_t.reshape(-1), weights.detach().reshape(-1)]).to("cpu", torch.float64)
     host = host.numpy()
-    Mn, K, B = cost.shape
-    C = np.ascontiguousarray(host[:, : K * B].reshape(Mn, K, B))
-    a = np.ascontiguousarray(host[:, K * B :])
-    if not np.isfinite(host).all():
+    C_t = host[:n].reshape(Mn, B, K)
+    a = host[Mn * K * B :].reshape(Mn, K)
+    if not np.isfinite(a).all():  # the cost is checked by the solvers, position by position
         raise ValueError("cost matrix or weights contain NaN/inf")
     total = a.sum(1, keepdims=True)
     if (a < 0).any() or (total <= 0).any():
         raise ValueError("weights must be nonnegative with positive row sums")
     a = a / total
-    wait = submit_batch(C, a, solver, num_iter_max, background)
+    wait = submit_batch(C_t, a, solver, num_iter_max, background)
     if not background:
         # Solve now: solver threads running beside the caller's next PyTorch ops oversubscribe the cores.
         done = wait()
         wait = lambda: done  # noqa: E731
 
     def join():
-        plans, costs, U, _ = wait()
+        plans_t, costs, U, _ = wait()
         Uc = U - U.mean(1, keepdims=True)
-        value = torch.as_tensor(costs.sum(), dtype=cost.dtype, device=cost.device)
-        if cost.device.type == "cpu":
-            return value, torch.from_numpy(plans).to(cost.dtype), torch.from_numpy(Uc).to(cost.dtype)
+        dtype, device = cost_t.dtype, cost_t.device
+        value = torch.as_tensor(costs.sum(), dtype=dtype, device=device)
+        if device.type == "cpu":
+            return value, torch.from_numpy(plans_t).to(dtype), torch.from_numpy(Uc).to(dtype)
         # One copy back to the device for plans and potentials.
-        back = torch.from_numpy(np.concatenate([plans.reshape(Mn, -1), Uc], 1)).to(device=cost.device, dtype=cost.dtype)
-        return value, back[:, : K * B].reshape(Mn, K, B), back[:, K * B :]
+        back = torch.from_numpy(np.concatenate([plans_t.reshape(Mn, -1), Uc], 1)).to(device=device, dtype=dtype)
+        return value, back[:, : K * B].reshape(Mn, B, K), back[:, K * B :]
 
     return join
 
@@ -383,7 +433,7 @@ def _start_sinkhorn(cost, weights, epsilon, state, tol, max_iter):
         raise ValueError("weights must be nonnegative with positive row sums")
     plan, costs, f = sinkhorn_solve(C, w, epsilon, state, tol, max_iter)
     value, u = costs.sum(), f - f.mean(1, keepdim=True)
-    return lambda: (value, plan, u)
+    return lambda: (value, plan.transpose(1, 2), u)
 
 
 def resolve_solver(solver: str | None, device: torch.device | str) -> str:
@@ -398,11 +448,21 @@ def resolve_solver(solver: str | None, device: torch.device | str) -> str:
 
 
 def _pairwise_sqdist(codebook: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """(M, K, B) squared Euclidean distances ||codebook[k] - latents[m, i]||^2, exact in autograd."""
+    """(M, K, B) squared Euclidean distances ||codebook[k] - latents[m, i]||^2 (differentiable)."""
     c2 = codebook.pow(2).sum(-1)  # (K,)
     z2 = latents.pow(2).sum(-1)  # (M, B)
     cross = torch.einsum("kd,mbd->mkb", codebook, latents)
     return (c2[None, :, None] + z2[:, None, :] - 2.0 * cross).clamp_min(0.0)
+
+
+@torch.no_grad()
+def _cost_tensor_t(codebook: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """``_pairwise_sqdist`` transposed, (M, B, K), without autograd: one matrix product, then in-place updates."""
+    Mn, B, D = latents.shape
+    flat = latents.reshape(Mn * B, D)
+    cost_t = torch.addmm(codebook.pow(2).sum(-1)[None, :], flat, codebook.T, alpha=-2.0)
+    cost_t.add_(flat.pow(2).sum(-1)[:, None]).clamp_min_(0.0)
+    return cost_t.view(Mn, B, -1)
 
 
 def start_wasserstein_loss(
@@ -442,12 +502,12 @@ def start_wasserstein_loss(
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     dtype = torch.promote_types(torch.promote_types(latents.dtype, codebook.dtype), weights.dtype)
     latents, codebook, weights = latents.to(dtype), codebook.to(dtype), weights.to(dtype)
-    cost = _pairwise_sqdist(codebook, latents)
+    cost_t = _cost_tensor_t(codebook.detach(), latents.detach())
     if solver == "sinkhorn":
-        join = _start_sinkhorn(cost, weights, float(epsilon), state, float(tol), int(max_iter))
+        join = _start_sinkhorn(cost_t.transpose(1, 2), weights, float(epsilon), state, float(tol), int(max_iter))
     else:
-        join = _start_host(cost, weights, solver, int(num_iter_max), background)
-    return PendingLoss(cost, weights, join)
+        join = _start_host(cost_t, weights, solver, int(num_iter_max), background)
+    return PendingLoss(latents, codebook, weights, join)
 
 
 def wasserstein_loss(
@@ -467,9 +527,9 @@ def wasserstein_loss(
 
     latents (M, B, D), codebook (K, D), weights (M, K) nonnegative with rows summing to 1.
     Computed in the inputs' dtype (float32 or float64) on their device; returns a scalar.
-    solver: "dense" (exact), "sinkhorn" (entropic, relative ``epsilon``, optional warm ``state``,
-    stops at latent-marginal L1 error ``tol`` or ``max_iter``) or "auto" (see the module docstring);
-    None picks ``DEFAULT_SOLVER``.
+    solver: "exact" (shortest paths over the latents), "dense" (exact, POT's network simplex), "sinkhorn"
+    (entropic, relative ``epsilon``, optional warm ``state``, stops at latent-marginal L1 error ``tol`` or
+    ``max_iter``) or "auto" (see the module docstring); None picks ``DEFAULT_SOLVER`` ("exact").
     Raises RuntimeError if the network simplex does not report optimality.
     """
     return start_wasserstein_loss(

@@ -1,5 +1,6 @@
 """Exactness of the batched OT loss against a naive per-position loop of POT's ot.emd2 (torch backend)."""
 
+import numpy as np
 import ot
 import pytest
 import torch
@@ -194,3 +195,78 @@ def test_background_solve_gives_the_same_loss_and_gradients():
     out = _grads(lambda *x: start_wasserstein_loss(*x, background=True).result(), z, c, w)
     for o, r in zip(out, ref):
         assert torch.equal(o, r)
+
+
+# ------------------------------------------------------------------------------------------------
+# the shortest-path solver against POT's network simplex, problem by problem
+
+
+def _random_position(kind, K, B, rng):
+    z = rng.normal(size=(B, 8))
+    c = 0.7 * rng.normal(size=(K, 8))
+    if kind == "clustered":  # a trained encoder's latents at one position: a tight cluster
+        z = 0.05 * z + rng.normal(size=8)
+    if kind == "ties":  # repeated latents and codewords: a degenerate problem
+        z[B // 2 :] = z[: B - B // 2]
+        c[K // 2 :] = c[: K - K // 2]
+    a = {
+        "near_uniform": lambda: np.full(K, 1.0 / K) * (1 + 0.03 * rng.uniform(-1, 1, size=K)),
+        "uniform": lambda: np.full(K, 1.0 / K),
+        "peaked": lambda: np.exp(3.0 * rng.normal(size=K)),
+        "zeros": lambda: np.where(rng.uniform(size=K) < 0.3, 0.0, rng.uniform(size=K)),
+    }["uniform" if kind in ("clustered", "ties") else kind]()
+    a = a / a.sum()
+    C = ((c[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    return C, a
+
+
+@pytest.mark.parametrize("kind", ["near_uniform", "uniform", "peaked", "zeros", "clustered", "ties"])
+def test_shortest_path_solver_is_certified_optimal(kind):
+    from ot.lp.emd_wrap import emd_c
+
+    from stage1_tokenizer.shortest_path_solver import OK, solve_position
+
+    rng = np.random.default_rng(len(kind))
+    for K, B in [(8, 2), (64, 16), (256, 7), (512, 32), (512, 128)]:
+        C, a = _random_position(kind, K, B, rng)
+        b = np.full(B, 1.0 / B)
+        X, q, p = np.empty((B, K)), np.empty(K), np.empty(B)
+        cost, status, _ = solve_position(np.ascontiguousarray(C.T), a, b, X, q, p, 1e-13, 1e-9)
+        assert status == OK, (K, B)
+        ref = emd_c(a, b, C, 100_000, 1)[1]
+        assert abs(cost - ref) <= 1e-10 * max(1.0, ref), (K, B, cost, ref)
+        # the certificate, checked here independently: a feasible plan, feasible duals, zero gap
+        assert np.all(X >= 0)
+        np.testing.assert_allclose(X.sum(1), b, atol=1e-12)
+        np.testing.assert_allclose(X.sum(0), a, atol=1e-12)
+        assert (C - q[:, None] - p[None, :]).min() >= -1e-9 * C.max()
+        assert abs((X.T * C).sum() - (a @ q + b @ p)) <= 1e-9 * C.max()
+
+
+def test_uncertified_positions_fall_back_to_the_network_simplex(monkeypatch):
+    import stage1_tokenizer.transport as transport
+    from stage1_tokenizer.shortest_path_solver import GAP
+
+    z, c, w = _problem(4, 64, 8, weights="peaked", seed=5)
+    expected = _grads(lambda *x: wasserstein_loss(*x, solver="dense"), z, c, w)
+    solve = transport.solve_positions
+
+    def failing(C_t, A, b, positions, plans_t, costs, U, V, status, *tols):
+        solve(C_t, A, b, positions, plans_t, costs, U, V, status, *tols)
+        status[positions[positions == 2]] = GAP
+        plans_t[positions[positions == 2]] = 0.0  # a wrong answer that must not be used
+
+    monkeypatch.setattr(transport, "solve_positions", failing)
+    with pytest.warns(RuntimeWarning, match="position 2.*network simplex"):
+        out = _grads(lambda *x: wasserstein_loss(*x, solver="exact"), z, c, w)
+    for o, r in zip(out, expected):
+        _close(o, r)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_non_finite_inputs_are_rejected(solver):
+    z, c, w = _problem(4, 64, 8, weights="peaked", seed=9)
+    z = z.detach().clone()
+    z[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        wasserstein_loss(z, c, w, solver=solver)
