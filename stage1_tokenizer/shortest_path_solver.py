@@ -259,17 +259,19 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     a.q + b.p within ``gap_tol`` (relative), with q + p <= C up to the same tolerance: a certificate of
     optimality computed from the outputs themselves."""
     B, K = CT.shape
+    C = np.empty((K, B))
+    poison = 0.0  # stays 0 unless an entry is NaN or infinite (then 0 * entry is NaN)
     for i in range(B):
         for k in range(K):
-            if not np.isfinite(CT[i, k]):
-                return 0.0, NON_FINITE, 0
+            C[k, i] = CT[i, k]
+            poison += 0.0 * CT[i, k]
     positive = 0
     for k in range(K):
-        if not np.isfinite(a[k]):
-            return 0.0, NON_FINITE, 0
+        poison += 0.0 * a[k]
         if a[k] > 0:
             positive += 1
-    C = np.ascontiguousarray(CT.T)
+    if poison != 0.0:
+        return 0.0, NON_FINITE, 0
     X[:, :] = 0.0
     p[:] = 0.0
     unit = 1.0 / positive
@@ -347,19 +349,20 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
         if a[k] <= 0:  # no mass: the largest feasible potential
             q[k] = _best_two(C, p, k)[0]
 
-    # Certificate: dual feasibility and zero duality gap.
+    # Certificate: dual feasibility and zero duality gap (the plan is zero off the latents' lists).
     cost = 0.0
+    for i in range(B):
+        for s in range(count[i]):
+            k = codes[i, s]
+            cost += X[i, k] * C[k, i]
     scale = 0.0
     worst = 0.0
     for k in range(K):
+        qk = q[k]
         for j in range(B):
             ckj = C[k, j]
-            cost += X[j, k] * ckj
-            if ckj > scale:
-                scale = ckj
-            slack = ckj - q[k] - p[j]
-            if slack < worst:
-                worst = slack
+            scale = max(scale, ckj)
+            worst = min(worst, ckj - qk - p[j])
     dual = 0.0
     for k in range(K):
         if a[k] > 0:

@@ -40,6 +40,8 @@ def _worker(rank, init_file, out_dir):
         z, quantizer = _inputs()
         loss, gz, gc, gw = _grads(quantizer, z[rank * B : (rank + 1) * B])
         torch.save({"loss": loss, "z": gz, "codebook": gc, "logits": gw}, Path(out_dir) / f"rank{rank}.pt")
+        # Without it, one rank may tear gloo down while the other is still using it (an intermittent SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
