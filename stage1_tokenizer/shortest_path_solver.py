@@ -8,8 +8,15 @@ over a B x B graph whose edge (i, j) is the cheapest move of one of latent i's c
 Each step keeps reduced costs nonnegative and the plan on tight edges, so the result is an exact optimum
 (not an approximation), certified at the end by the duality gap; see ``solve_position``.
 
-Cost per problem on a trained tokenizer's latents (K = 512, B = 32, near-uniform weights): about 0.9 ms
-against 2.1 ms for POT's network simplex (``make bench``).
+Two things keep the number of shortest paths small. A sweep of coordinate ascent balances the loads before
+the first path (halves the paths). And the problem is first solved with every codeword at the same mass: an
+integral problem in which each path moves one whole codeword; the true (near-uniform, learned) masses then
+only need small corrections. With the true masses from the start, fractional leftovers multiply the paths by
+about 3.5.
+
+Cost per problem on a trained tokenizer's latents (K = 512, B = 32, learned weights within 3% of uniform,
+one core): about 0.52 ms, 113 paths (82 + 31), against 2.1 ms for POT's network simplex; the compiled code
+is cached (numba ``cache=True``), so only the first run on a machine pays the compilation (seconds).
 
 Layout: C[k, i] = ||codebook[k] - latent[i]||^2 with codeword weights ``a`` (K,) and latent weights ``b`` (B,);
 the solver takes C transposed, CT (B, K), and writes the plan transposed, X (B, K): the layout in which one matrix

@@ -32,7 +32,7 @@ Design
 
 Solvers
 - ``"exact"`` (default): exact. Successive shortest paths over the B latents (``shortest_path_solver``,
-  numba), which exploits K >> B: about 3.5x faster per problem than the network simplex on a trained
+  numba), which exploits K >> B: about 4x faster per problem than the network simplex on a trained
   tokenizer's latents at K = 512, B = 32; used where B <= 128 and K >= 4B, the network simplex elsewhere
   (where it is as fast or faster: ``make bench``, scaling section).
 - ``"dense"``: exact, POT's network simplex (``emd_c``) on every position; the reference the tests and the
