@@ -39,24 +39,7 @@ STATUS_NAMES = {OK: "optimal", NO_PROGRESS: "no augmenting path", GAP: "duality 
 
 @njit(cache=True, nogil=True)
 def _best_two(C, p, k):
-    """Smallest and second smallest C[k, j] - p[j] over latents j, and the argmin."""
-    b1 = INF
-    b2 = INF
-    i1 = 0
-    for j in range(C.shape[1]):
-        v = C[k, j] - p[j]
-        if v < b1:
-            b2 = b1
-            b1 = v
-            i1 = j
-        elif v < b2:
-            b2 = v
-    return b1, b2, i1
-
-
-@njit(cache=True, nogil=True)
-def _best_two_args(C, p, k):
-    """``_best_two`` with the argmin of the second smallest too."""
+    """Smallest and second smallest C[k, j] - p[j] over latents j, and their latents."""
     b1 = INF
     b2 = INF
     i1 = 0
@@ -87,7 +70,7 @@ def _balance_potentials(C, CT, a, b, p):
     buf_a = np.empty(K + 1)
     arg2 = np.empty(K, np.int64)
     for k in range(K):
-        best1[k], best2[k], arg1[k], arg2[k] = _best_two_args(C, p, k)
+        best1[k], best2[k], arg1[k], arg2[k] = _best_two(C, p, k)
     for i in range(B):
         n = 0
         total = 0.0
@@ -310,7 +293,7 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     move = np.full((B, B), INF)
     move_code = np.full((B, B), -1, np.int32)
     for k in range(K):
-        b1, b2, i1 = _best_two(C, p, k)
+        b1, _, i1, _ = _best_two(C, p, k)
         q[k] = b1
         if a[k] > 0:
             X[i1, k] = unit_a[k]

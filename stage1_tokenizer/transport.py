@@ -95,8 +95,8 @@ AUTO_ACCELERATOR_SOLVER = "exact"
 DEFAULT_SOLVER = "exact"
 _MASS_TOL = 1e-13  # latent marginals balance to this (weights are normalized to total mass 1)
 _GAP_TOL = 1e-9  # certified duality gap, relative to the largest cost entry
-# Where the shortest-path solver wins (Gaussian problems, make bench): 2.4x POT at B = 32, K = 512; 1.9x at B = 64;
-# even at B = 128 or K = 4B; slower beyond. Outside that range "exact" runs POT's network simplex.
+# Where the shortest-path solver wins (Gaussian problems, make bench): 2.6x POT's network simplex at B = 32, K = 512,
+# 1.9x at B = 64, even at B = 128 (and at K = 4B), slower beyond. Outside that range "exact" runs the simplex.
 _MAX_SHORTEST_PATH_LATENTS = 128
 _OPTIMAL = 1  # ProblemType code of POT's network simplex
 _RESULT_NAMES = {0: "infeasible", 1: "optimal", 2: "unbounded", 3: "max_iter_reached"}
