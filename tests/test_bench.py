@@ -1,0 +1,22 @@
+"""`make bench` stays runnable: its quick mode on synthetic inputs writes both reports with every section."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_json_and_markdown(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--output", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report) >= {"machine", "wasserstein", "steps", "scaling", "sampling", "fid"}
+    w = report["wasserstein"]
+    assert w["ours_ms"] > 0 and w["naive_ms"] > 0 and w["max_rel_value_difference"] <= 1e-5
+    step = report["steps"][0]
+    assert step["vqvae_ms"] > 0 and step["ratio_vqwae_vqvae"] > 0
+    assert {row["vary"] for row in report["scaling"]} == {"K", "B", "M"}
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Wasserstein term" in text and "## Training step" in text and "## Prior sampling" in text
