@@ -367,7 +367,7 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
 
 @njit(cache=True, nogil=True)
 def solve_positions(C_t, A, b, positions, plans_t, costs, U, V, status, mass_tol, gap_tol):
-    """``solve_position`` over ``positions`` (one call per worker thread, no Python in between): C_t (M, B, K),
+    """``solve_position`` over ``positions`` (one call per run of positions a thread takes): C_t (M, B, K),
     A (M, K), plans_t (M, B, K). Potentials are centred as POT's ``center_ot_dual`` does (a.u = b.v)."""
     for r in range(positions.shape[0]):
         m = positions[r]

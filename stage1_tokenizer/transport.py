@@ -234,16 +234,13 @@ def _solve_exact_chunk(C_t, A, b, positions, plans_t, costs, U, V, num_iter_max)
         costs[m], U[m], V[m] = _solve_dense(A[m], b, C_t[m], plans_t[m], num_iter_max, m)
 
 
-_HOST_SOLVERS = ("exact", "dense")
-
-
 def submit_batch(C_t: np.ndarray, a: np.ndarray, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000,
                  background: bool = False):
     """Start solving M problems given their costs transposed, C_t (M, B, K); returns a function that waits and
     gives ``solve_batch``'s result with the plans transposed too, (M, B, K)."""
     Mn, B, K = C_t.shape
     b = np.full(B, 1.0 / B)
-    if solver not in _HOST_SOLVERS:
+    if solver not in EXACT_SOLVERS:
         raise ValueError(f"host solver must be one of {EXACT_SOLVERS}, got {solver!r}")
     plans, costs, U, V = np.empty((Mn, B, K)), np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B))
     if solver == "exact" and _uses_shortest_paths(K, B):
@@ -337,7 +334,7 @@ def _start_host(cost_t, weights, solver, num_iter_max, background):
         host = torch.cat([cost_t.reshape(-1), weights.detach().reshape(-1)]).to("cpu", torch.float64)
     host = host.numpy()
     C_t = host[:n].reshape(Mn, B, K)
-    a = host[Mn * K * B :].reshape(Mn, K)
+    a = host[n:].reshape(Mn, K)
     if not np.isfinite(a).all():  # the cost is checked by the solvers, position by position
         raise ValueError("cost matrix or weights contain NaN/inf")
     total = a.sum(1, keepdims=True)
