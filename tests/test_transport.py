@@ -243,6 +243,29 @@ def test_shortest_path_solver_is_certified_optimal(kind):
         assert abs((X.T * C).sum() - (a @ q + b @ p)) <= 1e-9 * C.max()
 
 
+def test_rounding_residues_do_not_stall_the_shortest_paths():
+    # Heavy-tailed weights at B = 128 split codewords over many latents; the solver used to leave rounding
+    # residues (~1e-18) behind that became the bottleneck of every later path (no progress, POT fallback on
+    # about half of these problems).
+    from ot.lp.emd_wrap import emd_c
+
+    from stage1_tokenizer.shortest_path_solver import OK, solve_position
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        K, B = 384, 128
+        a = np.exp(2.0 * rng.normal(size=K))
+        a /= a.sum()
+        C = ((rng.normal(size=(K, 1, 4)) - rng.normal(size=(1, B, 4))) ** 2).sum(-1)
+        b = np.full(B, 1.0 / B)
+        X, q, p = np.empty((B, K)), np.empty(K), np.empty(B)
+        cost, status, _ = solve_position(np.ascontiguousarray(C.T), a, b, X, q, p, 1e-13, 1e-9)
+        assert status == OK, seed
+        assert abs(cost - emd_c(a, b, C, 100_000, 1)[1]) <= 1e-10 * cost, seed
+        np.testing.assert_allclose(X.sum(0), a, atol=1e-12)
+        np.testing.assert_allclose(X.sum(1), b, atol=1e-12)
+
+
 def test_uncertified_positions_fall_back_to_the_network_simplex(monkeypatch):
     import stage1_tokenizer.transport as transport
     from stage1_tokenizer.shortest_path_solver import GAP
