@@ -66,29 +66,48 @@ def _lower_two(row, pi, i, best1, best2, arg1, arg2):
 
 
 @njit(cache=True, nogil=True)
-def _smallest(values, m, buf):
-    """The m-th smallest of values (m >= 1). A bound from block minima (the largest of m block minima is at
-    least the m-th smallest) skips most values; the rest go through a sorted buffer, updated branch-free."""
-    n = values.shape[0]
-    size = (n + m - 1) // m
-    bound = -INF
-    for g in range(m):
-        lo = INF
-        for k in range(g * size, min(n, (g + 1) * size)):
-            lo = min(lo, values[k])
-        bound = max(bound, lo)
+def _below_group_bound(values, n, m, out, group_min):
+    """Copies to ``out`` the values[:n] at most the largest of the minima of m groups (values r, r + m, r + 2m,
+    ...; elementwise, so it vectorizes) and returns how many: at least m, and every value up to the m-th
+    smallest among them, since each group has one."""
     for r in range(m):
-        buf[r] = INF
-    top = bound
-    for k in range(n):
+        group_min[r] = INF
+    full = n - n % m
+    for s in range(0, full, m):
+        for r in range(m):
+            group_min[r] = min(group_min[r], values[s + r])
+    for r in range(full, n):
+        group_min[r - full] = min(group_min[r - full], values[r])
+    bound = -INF
+    for r in range(m):
+        bound = max(bound, group_min[r])
+    c = 0
+    for k in range(n):  # stored unconditionally, kept by the count: no branch to mispredict
         t = values[k]
-        if t <= top:
-            for r in range(m - 1, 0, -1):
-                x = max(buf[r - 1], t)
-                buf[r] = min(buf[r], x)
-            buf[0] = min(buf[0], t)
-            top = min(buf[m - 1], bound)
-    return buf[m - 1]
+        out[c] = t
+        c += t <= bound
+    return c
+
+
+@njit(cache=True, nogil=True)
+def _smallest(values, m, buf):
+    """The m-th smallest of values (1 <= m <= len(values)); buf: work space of 3 * len(values). Two rounds of
+    group bounds leave a few times m candidates; the answer is the largest candidate with fewer than m
+    candidates below it (quadratic in the candidates, but branch-free and vectorized)."""
+    n = values.shape[0]
+    first = buf[:n]
+    second = buf[n : 2 * n]
+    group_min = buf[2 * n :]
+    c = _below_group_bound(values, n, m, first, group_min)
+    c = _below_group_bound(first, c, m, second, group_min)
+    result = -INF
+    for x in range(c):
+        t = second[x]
+        below = 0
+        for y in range(c):
+            below += second[y] < t
+        result = max(result, t if below < m else -INF)
+    return result
 
 
 @njit(cache=True, nogil=True)
@@ -103,7 +122,7 @@ def _balance_potentials(CT, a, b, p):
     arg1 = np.full(K, -1, np.int64)
     arg2 = np.full(K, -1, np.int64)
     thresh = np.empty(K)
-    buf = np.empty(K)
+    buf = np.empty(3 * K)
     massless = np.empty(K)  # +inf for codewords without mass: never counted
     unit = 0.0
     positive = 0
