@@ -49,6 +49,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "solver_threads": get_num_threads(),
         "torch": torch.__version__,
+        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
         "device": "cpu",
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -299,9 +300,9 @@ def main(argv=None) -> None:
     q = args.quick
     report = {"machine": machine()}
     report["wasserstein"] = bench_wasserstein(2 if q else 5, [0.1] if q else [0.1, 0.03, 0.01])
-    report["steps"] = [bench_step(32, 32, 2 if q else 10, True)]
+    report["steps"] = [bench_step(32, 32, 2 if q else 30, True)]
     if not q:
-        report["steps"].append(bench_step(32, 64, 4, False))
+        report["steps"].append(bench_step(32, 64, 6, False))
     report["scaling"] = bench_scaling(1 if q else 2)
     report["sampling"] = bench_sampling(1 if q else 3, 8 if q else 32)
     report["fid"] = bench_fid(1 if q else 2, 16 if q else 32)
