@@ -280,13 +280,8 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
 
 
 @njit(cache=True, nogil=True)
-def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
-    """Exact OT for one position. CT (B, K) the transposed cost, a (K,) >= 0, b (B,) > 0, equal sums (normalized to 1).
-
-    Writes the transposed plan X (B, K), codeword potentials q and latent potentials p; returns (cost, status, augmentations).
-    ``status`` is OK only when the plan balances within ``mass_tol`` and its cost equals the dual objective
-    a.q + b.p within ``gap_tol`` (relative), with q + p <= C up to the same tolerance: a certificate of
-    optimality computed from the outputs themselves."""
+def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
+    """``solve_position``, also returning the plan's support: latent i holds codewords codes[i, :count[i]]."""
     B, K = CT.shape
     C = np.empty((K, B))
     finite = True
@@ -306,7 +301,7 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
         if a[k] > 0:
             positive += 1
     if not finite:
-        return 0.0, NON_FINITE, 0
+        return 0.0, NON_FINITE, 0, np.empty((0, 0), np.int32), np.empty(0, np.int64)
     X[:, :] = 0.0
     p[:] = 0.0
     unit = 1.0 / positive
@@ -373,7 +368,7 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     status, augmentations = _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move, move_code,
                                             mass_tol, max_augmentations)
     if status != OK:
-        return 0.0, status, augmentations
+        return 0.0, status, augmentations, codes, count
     if not same_mass:
         for j in range(B):
             excess[j] = -b[j]
@@ -386,7 +381,7 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
                                        mass_tol, max_augmentations)
         augmentations += more
         if status != OK:
-            return 0.0, status, augmentations
+            return 0.0, status, augmentations, codes, count
 
     for i in range(B):
         for s in range(count[i]):
@@ -424,31 +419,65 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
         dual += b[j] * p[j]
     tol = gap_tol * max(scale, 1e-300)
     if abs(cost - dual) > tol or worst < -tol:
-        return cost, GAP, augmentations
-    return cost, OK, augmentations
+        return cost, GAP, augmentations, codes, count
+    return cost, OK, augmentations, codes, count
 
 
 @njit(cache=True, nogil=True)
-def solve_positions(C_t, A, b, positions, plans_t, costs, U, V, status, mass_tol, gap_tol):
-    """``solve_position`` over ``positions`` (one call per run of positions a thread takes): C_t (M, B, K),
-    A (M, K), plans_t (M, B, K). Potentials are centred as POT's ``center_ot_dual`` does (a.u = b.v)."""
+def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
+    """Exact OT for one position. CT (B, K) the transposed cost, a (K,) >= 0, b (B,) > 0, equal sums (normalized to 1).
+
+    Writes the transposed plan X (B, K), codeword potentials q and latent potentials p; returns (cost, status, augmentations).
+    ``status`` is OK only when the plan balances within ``mass_tol`` and its cost equals the dual objective
+    a.q + b.p within ``gap_tol`` (relative), with q + p <= C up to the same tolerance: a certificate of
+    optimality computed from the outputs themselves."""
+    cost, status, augmentations, _, _ = _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol)
+    return cost, status, augmentations
+
+
+@njit(cache=True, nogil=True)
+def solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, Ps, PTz, Pcol, mass_tol, gap_tol):
+    """``solve_position`` over ``positions`` (one call per run of positions a thread takes), returning what the
+    gradients need instead of the (mostly zero) plans. C_t (M, B, K) costs (float32 or float64), A (M, K) weights,
+    Z (M, B, D) latents, codebook (K, D). Per position m: costs[m], potentials U[m] (K,) and V[m] (B,), centred as
+    POT's ``center_ot_dual`` does (a.u = b.v), status[m]; with P_m the plan (B, K): Pc[m] = P_m codebook (B, D) and
+    Ps[m] = P_m's row sums (B,). Summed over the positions solved here (added to what the arrays hold):
+    PTz += P_m^T Z[m] (K, D) and Pcol += P_m's column sums (K,). Products only for positions solved with status OK."""
+    Mn, B, K = C_t.shape
+    D = Z.shape[2]
+    X = np.empty((B, K))
     for r in range(positions.shape[0]):
         m = positions[r]
-        cost, st, _ = solve_position(C_t[m], A[m], b, plans_t[m], U[m], V[m], mass_tol, gap_tol)
+        cost, st, _, codes, count = _solve_position(C_t[m], A[m], b, X, U[m], V[m], mass_tol, gap_tol)
         costs[m] = cost
         status[m] = st
-        if st == OK:
-            au = 0.0
-            total = 0.0
-            for k in range(A.shape[1]):
-                au += A[m, k] * U[m, k]
-                total += A[m, k]
-            bv = 0.0
-            for j in range(b.shape[0]):
-                bv += b[j] * V[m, j]
-                total += b[j]
-            shift = (bv - au) / total
-            for k in range(A.shape[1]):
-                U[m, k] += shift
-            for j in range(b.shape[0]):
-                V[m, j] -= shift
+        if st != OK:
+            continue
+        au = 0.0
+        total = 0.0
+        for k in range(K):
+            au += A[m, k] * U[m, k]
+            total += A[m, k]
+        bv = 0.0
+        for j in range(B):
+            bv += b[j] * V[m, j]
+            total += b[j]
+        shift = (bv - au) / total
+        for k in range(K):
+            U[m, k] += shift
+        for j in range(B):
+            V[m, j] -= shift
+        # The plan is zero off the latents' lists: K + B entries or so out of K * B.
+        for i in range(B):
+            for d in range(D):
+                Pc[m, i, d] = 0.0
+            row = 0.0
+            for s in range(count[i]):
+                k = codes[i, s]
+                x = X[i, k]
+                row += x
+                Pcol[k] += x
+                for d in range(D):
+                    Pc[m, i, d] += x * codebook[k, d]
+                    PTz[k, d] += x * Z[m, i, d]
+            Ps[m, i] = row

@@ -274,10 +274,10 @@ def test_uncertified_positions_fall_back_to_the_network_simplex(monkeypatch):
     expected = _grads(lambda *x: wasserstein_loss(*x, solver="dense"), z, c, w)
     solve = transport.solve_positions
 
-    def failing(C_t, A, b, positions, plans_t, costs, U, V, status, *tols):
-        solve(C_t, A, b, positions, plans_t, costs, U, V, status, *tols)
+    def failing(C_t, A, b, Z, codebook, positions, costs, U, V, status, *rest):
+        # as if the solver could not certify position 2: solved, but its answer (here: none) must not be used
+        solve(C_t, A, b, Z, codebook, positions[positions != 2], costs, U, V, status, *rest)
         status[positions[positions == 2]] = GAP
-        plans_t[positions[positions == 2]] = 0.0  # a wrong answer that must not be used
 
     monkeypatch.setattr(transport, "solve_positions", failing)
     with pytest.warns(RuntimeWarning, match="position 2.*network simplex"):
