@@ -481,3 +481,26 @@ def solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, 
                     Pc[m, i, d] += x * codebook[k, d]
                     PTz[k, d] += x * Z[m, i, d]
             Ps[m, i] = row
+
+
+@njit(cache=True, nogil=True)
+def add_plan_products(plan_t, z, codebook, pc, ps, ptz, pcol):
+    """``solve_positions``' products for one position from a dense plan (B, K) (POT's, where this solver is not
+    used): pc = plan codebook (B, D), ps = row sums (B,); ptz += plan^T z (K, D), pcol += column sums (K,). A loop
+    over the nonzeros: numpy's matrix products would start BLAS threads inside the solver threads."""
+    B, K = plan_t.shape
+    D = z.shape[1]
+    for i in range(B):
+        for d in range(D):
+            pc[i, d] = 0.0
+        row = 0.0
+        for k in range(K):
+            x = plan_t[i, k]
+            if x == 0.0:
+                continue
+            row += x
+            pcol[k] += x
+            for d in range(D):
+                pc[i, d] += x * codebook[k, d]
+                ptz[k, d] += x * z[i, d]
+        ps[i] = row

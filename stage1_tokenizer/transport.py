@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from ot.lp.emd_wrap import emd_c
 
-from .shortest_path_solver import NON_FINITE, OK, STATUS_NAMES, solve_positions
+from .shortest_path_solver import NON_FINITE, OK, STATUS_NAMES, add_plan_products, solve_positions
 
 __all__ = [
     "wasserstein_loss",
@@ -225,14 +225,6 @@ def _solve_dense(a, b, C_t, num_iter_max, m):
     return plan_t, cost, u, v
 
 
-def _add_plan_products(plan_t, z, codebook, m, Pc, Ps, PTz, Pcol):
-    """What ``solve_positions`` returns for position m, from a dense plan (B, K) and that position's latents z (B, D)."""
-    Pc[m] = plan_t @ codebook
-    Ps[m] = plan_t.sum(1)
-    PTz += plan_t.T @ z
-    Pcol += plan_t.sum(0)
-
-
 def _uses_shortest_paths(K: int, B: int) -> bool:
     return B <= _MAX_SHORTEST_PATH_LATENTS and 4 * B <= K
 
@@ -249,7 +241,7 @@ def _solve_exact_chunk(C_t, A, b, Z, codebook, positions, out, PTz, Pcol, num_it
         warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[int(status[m])]} at position {m}; "
                       "solved with POT's network simplex instead", RuntimeWarning, stacklevel=2)
         plan_t, costs[m], U[m], V[m] = _solve_dense(A[m], b, C_t[m], num_iter_max, m)
-        _add_plan_products(plan_t, Z[m], codebook, m, Pc, Ps, PTz, Pcol)
+        add_plan_products(plan_t, Z[m], codebook, Pc[m], Ps[m], PTz, Pcol)
 
 
 def submit_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000,
@@ -282,7 +274,7 @@ def submit_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max
                 continue
             for m in pieces[j]:
                 plan_t, costs[m], U[m], V[m] = _solve_dense(a[m], b, C_t[m], num_iter_max, m)
-                _add_plan_products(plan_t, Z[m], codebook, m, Pc, Ps, PTz[j], Pcol[j])
+                add_plan_products(plan_t, Z[m], codebook, Pc[m], Ps[m], PTz[j], Pcol[j])
 
     join = _submit(worker, list(range(n)), background)
 
