@@ -18,13 +18,14 @@ Cost per problem on a trained tokenizer's latents (K = 512, B = 32, learned weig
 one core): about 0.36 ms, 119 paths, against 2.1 ms for POT's network simplex. Where the time goes, and why
 the loops look as they do: the passes over all K x B costs (the sweep, the first assignment, the certificate)
 are written branch-free over contiguous rows so that they vectorize; the sweep's order statistic skips most
-values with a bound from block minima; Dijkstra relaxes with a settled-latent penalty instead of a branch;
+values with bounds from group minima; Dijkstra relaxes with a settled-latent penalty instead of a branch;
 a codeword leaving a latent recomputes that latent's row of moves in one vectorized pass. The compiled code
 is cached (numba ``cache=True``), so only the first run on a machine pays the compilation (seconds).
 
 Layout: C[k, i] = ||codebook[k] - latent[i]||^2 with codeword weights ``a`` (K,) and latent weights ``b`` (B,);
 the solver takes C transposed, CT (B, K), and writes the plan transposed, X (B, K): the layout in which one matrix
-product gives every cost and the gradient's products read the plan without a copy. Outputs besides X: codeword
+product gives every position's costs as one contiguous block. ``solve_positions`` (the batched entry point) hands
+back the products the gradients need, computed from the plan's nonzeros, instead of the plan. Outputs besides X: codeword
 potentials q (K,), latent potentials p (B,), with q[k] + p[i] <= C[k, i] everywhere and equality wherever
 X[i, k] > 0.
 """
@@ -142,6 +143,16 @@ def _balance_potentials(CT, a, b, p):
         _lower_two(row, p[i], i, best1, best2, arg1, arg2)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _offer_moves(move, move_code, i, C, k, qk):
+    """Codeword k (potential qk, relative to latent i's offset) joins latent i's candidates for every move i -> l."""
+    for l in range(move.shape[1]):
+        v = C[k, l] - qk
+        lower = v < move[i, l]
+        move[i, l] = v if lower else move[i, l]
+        move_code[i, l] = k if lower else move_code[i, l]
+
+
 @njit(cache=True, nogil=True)
 def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move, move_code, mass_tol,
                     max_augmentations):
@@ -233,12 +244,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
                 codes[j, c] = k
                 code_pot[j, c] = qk - offset[j]
                 count[j] = c + 1
-                base = code_pot[j, c]
-                for l in range(B):
-                    v = C[k, l] - base
-                    lower = v < move[j, l]
-                    move[j, l] = v if lower else move[j, l]
-                    move_code[j, l] = k if lower else move_code[j, l]
+                _offer_moves(move, move_code, j, C, k, code_pot[j, c])
             rest = X[i, k] - delta
             if rest <= dust:
                 # The whole entry moves: a rounding residue left behind would be the bottleneck of later paths,
@@ -263,13 +269,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
                         move[i, l] = INF
                         move_code[i, l] = -1
                     for s in range(c):
-                        kk = codes[i, s]
-                        cp = code_pot[i, s]
-                        for l in range(B):
-                            v = C[kk, l] - cp
-                            lower = v < move[i, l]
-                            move[i, l] = v if lower else move[i, l]
-                            move_code[i, l] = kk if lower else move_code[i, l]
+                        _offer_moves(move, move_code, i, C, codes[i, s], code_pot[i, s])
             else:
                 X[i, k] = rest
         excess[target] = 0.0 if delta >= -excess[target] else excess[target] + delta
@@ -354,11 +354,7 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
             codes[i1, c] = k
             code_pot[i1, c] = b1
             count[i1] = c + 1
-            for l in range(B):
-                v = C[k, l] - b1
-                lo = v < move[i1, l]
-                move[i1, l] = v if lo else move[i1, l]
-                move_code[i1, l] = k if lo else move_code[i1, l]
+            _offer_moves(move, move_code, i1, C, k, b1)
 
     # Stage 1 with every codeword at the same mass: an integral problem that needs few augmentations (each moves a
     # whole codeword). Its optimal potentials are close to those of the real weights, which are near uniform in
