@@ -303,7 +303,7 @@ def main(argv=None) -> None:
     report["steps"] = [bench_step(32, 32, 2 if q else 30, True)]
     if not q:
         if report["steps"][0]["weights"] != "random init":  # early training: spread latents, harder problems
-            report["steps"].append(bench_step(32, 32, 10, False))
+            report["steps"].append(bench_step(32, 32, 30, False))
         report["steps"].append(bench_step(32, 64, 6, False))
     report["scaling"] = bench_scaling(1 if q else 2)
     report["sampling"] = bench_sampling(1 if q else 3, 8 if q else 32)
