@@ -114,6 +114,34 @@ def _smallest(values, m, buf):
 
 
 @njit(cache=True, nogil=True)
+def _sampled_imbalance(CT, p, a, b, stride):
+    """The load imbalance (in codewords, as ``_balance_potentials`` returns it) under potentials p, estimated from
+    every stride-th codeword: a cheap way to compare starting points."""
+    B, K = CT.shape
+    best = np.full(K, INF)
+    near = np.zeros(K, np.int64)
+    for i in range(B):
+        row = CT[i]
+        pi = p[i]
+        for k in range(0, K, stride):
+            v = row[k] - pi
+            lower = v < best[k]
+            best[k] = v if lower else best[k]
+            near[k] = i if lower else near[k]
+    load = np.zeros(B)
+    unit = 0.0
+    for k in range(0, K, stride):
+        if a[k] > 0:
+            load[near[k]] += stride
+            unit = a[k]
+    excess = 0.0
+    if unit > 0:
+        for i in range(B):
+            excess += max(0.0, load[i] - b[i] / unit)
+    return excess
+
+
+@njit(cache=True, nogil=True)
 def _balance_potentials(CT, a, b, p):
     """One sweep of coordinate ascent on the latent potentials, for codewords of equal mass (those of ``a`` > 0):
     latent i in turn takes the price at which as many codewords prefer it as make up b[i]. Cheap and not
@@ -329,6 +357,19 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     # Sweeps while the loads are far from balanced. One sweep costs about as much as 2K/B shortest paths and
     # removes 40-60% of the imbalance: a trained tokenizer's latents need 1-2 (imbalance 156 -> 87 -> 56 codewords
     # of 512 at B = 32), a fresh one's, with every codeword near the origin, 3 (494 -> 198 -> 87 -> 43).
+    # Start from p = 0 or from each latent's mean cost, whichever leaves fewer codewords in excess. The mean
+    # cancels the |latent|^2 part of the cost, which decides every codeword's preference while the codebook is
+    # still near the origin (a fresh tokenizer: imbalance 494 -> 180 codewords of 512, 20-25% faster solves);
+    # with a trained codebook p = 0 is better (155 against 382).
+    if B > 1:
+        centred = np.empty(B)
+        for i in range(B):
+            total = 0.0
+            for k in range(0, K, 8):
+                total += CT[i, k]
+            centred[i] = total / ((K + 7) // 8)
+        if _sampled_imbalance(CT, centred, unit_a, b, 8) < _sampled_imbalance(CT, p, unit_a, b, 8):
+            p[:] = centred
     sweeps = 0
     while B > 1 and sweeps < _MAX_SWEEPS:
         sweeps += 1
