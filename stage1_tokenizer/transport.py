@@ -20,9 +20,9 @@ Design
   what the gradients need, computed from the plan's nonzeros in float64 (P codebook and P's row sums per
   position, P^T latents and the column sums summed over positions; ``solve_positions``), which replaced a
   dense (M, B, K) plan, its conversion and two dense matrix products in the backward (measured on 2 cores,
-  trained latents, M = 64, K = 512, B = 32: the term's forward + backward 16.6 ms instead of 23-25 ms). Sums over positions are accumulated per run of positions and
-  added in order, so the gradients do not depend on thread timing. Potentials and products go back to an
-  accelerator in one copy.
+  trained latents, M = 64, K = 512, B = 32: the term's forward + backward 16.6 ms instead of 23-25 ms).
+  Sums over positions are accumulated per run of positions and added in order, so the gradients do not
+  depend on thread timing. Potentials and products go back to an accelerator in one copy.
 - Each weights row is renormalized in float64 before solving (float32 softmax rows sum to 1 only
   within ~1e-7), so the solver's mass balance holds.
 - A solver never returns an unverified answer: POT's network simplex must report optimality (else
@@ -177,7 +177,7 @@ def _submit(fn, items, background: bool = False):
 
 
 # ----------------------------------------------------------------------------------------------
-# per-problem solvers (float64 numpy in, float64 numpy out)
+# per-problem solvers (costs float32 or float64, weights and results float64)
 
 
 def _check(rc: int, m: int) -> None:
