@@ -114,6 +114,23 @@ def _smallest(values, m, buf):
 
 
 @njit(cache=True, nogil=True)
+def _excess_load(near, a, b, stride):
+    """With every stride-th codeword k of equal mass (a[k] > 0) on latent near[k], standing for stride of them: the
+    sum over latents of their load beyond b, in codewords."""
+    load = np.zeros(b.shape[0])
+    unit = 0.0
+    for k in range(0, near.shape[0], stride):
+        if a[k] > 0:
+            load[near[k]] += stride
+            unit = a[k]
+    excess = 0.0
+    if unit > 0:
+        for i in range(b.shape[0]):
+            excess += max(0.0, load[i] - b[i] / unit)
+    return excess
+
+
+@njit(cache=True, nogil=True)
 def _sampled_imbalance(CT, p, a, b, stride):
     """The load imbalance (in codewords, as ``_balance_potentials`` returns it) under potentials p, estimated from
     every stride-th codeword: a cheap way to compare starting points."""
@@ -128,17 +145,7 @@ def _sampled_imbalance(CT, p, a, b, stride):
             lower = v < best[k]
             best[k] = v if lower else best[k]
             near[k] = i if lower else near[k]
-    load = np.zeros(B)
-    unit = 0.0
-    for k in range(0, K, stride):
-        if a[k] > 0:
-            load[near[k]] += stride
-            unit = a[k]
-    excess = 0.0
-    if unit > 0:
-        for i in range(B):
-            excess += max(0.0, load[i] - b[i] / unit)
-    return excess
+    return _excess_load(near, a, b, stride)
 
 
 @njit(cache=True, nogil=True)
@@ -172,14 +179,7 @@ def _balance_potentials(CT, a, b, p):
             thresh[k] = row[k] - (best2[k] if arg1[k] == i else best1[k]) + massless[k]
         p[i] = _smallest(thresh, m, buf)
         _lower_two(row, p[i], i, best1, best2, arg1, arg2)
-    load = np.zeros(B)
-    for k in range(K):
-        if a[k] > 0:
-            load[arg1[k]] += 1.0
-    excess = 0.0
-    for i in range(B):
-        excess += max(0.0, load[i] - b[i] / unit)
-    return excess
+    return _excess_load(arg1, a, b, 1)
 
 
 @njit(cache=True, nogil=True, inline="always")
