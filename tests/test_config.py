@@ -52,3 +52,15 @@ def test_network_that_does_not_fit_the_data():
     cfg = load_config(TokenizerJobConfig, None, ["data.image_size=30"])
     with pytest.raises(ConfigError, match="not divisible"):
         cfg.tokenizer_config()
+
+
+def test_jobs_shorten_openmp_spinning_unless_the_user_set_it():
+    import os
+    import subprocess
+    import sys
+
+    show = [sys.executable, "-c", "import os, pipelines; print(os.environ['GOMP_SPINCOUNT'])"]
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "10000"
+    env["GOMP_SPINCOUNT"] = "500"
+    assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "500"
