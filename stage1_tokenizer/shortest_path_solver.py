@@ -39,9 +39,9 @@ from numba import njit
 INF = np.inf
 # Statuses of solve_position: the caller falls back to POT on NO_PROGRESS or GAP, and rejects NON_FINITE input.
 OK, NO_PROGRESS, GAP, NON_FINITE = 0, 1, 2, 3
-_MAX_SWEEPS = 4
 STATUS_NAMES = {OK: "optimal", NO_PROGRESS: "no augmenting path", GAP: "duality gap above tolerance",
                 NON_FINITE: "cost or weights not finite"}
+_MAX_SWEEPS = 4
 
 
 @njit(cache=True, nogil=True)
@@ -131,12 +131,12 @@ def _excess_load(near, a, b, stride):
 
 
 @njit(cache=True, nogil=True)
-def _sampled_imbalance(CT, p, a, b, stride):
-    """The load imbalance (in codewords, as ``_balance_potentials`` returns it) under potentials p, estimated from
-    every stride-th codeword: a cheap way to compare starting points."""
+def _nearest_latents(CT, p, stride, best, near):
+    """For every stride-th codeword k: best[k] = min over latents i of CT[i, k] - p[i], near[k] = that i."""
     B, K = CT.shape
-    best = np.full(K, INF)
-    near = np.zeros(K, np.int64)
+    for k in range(0, K, stride):
+        best[k] = INF
+        near[k] = 0
     for i in range(B):
         row = CT[i]
         pi = p[i]
@@ -145,6 +145,15 @@ def _sampled_imbalance(CT, p, a, b, stride):
             lower = v < best[k]
             best[k] = v if lower else best[k]
             near[k] = i if lower else near[k]
+
+
+@njit(cache=True, nogil=True)
+def _sampled_imbalance(CT, p, a, b, stride):
+    """The load imbalance (in codewords, as ``_balance_potentials`` returns it) under potentials p, estimated from
+    every stride-th codeword: a cheap way to compare starting points."""
+    K = CT.shape[1]
+    near = np.empty(K, np.int64)
+    _nearest_latents(CT, p, stride, np.empty(K), near)
     return _excess_load(near, a, b, stride)
 
 
@@ -354,9 +363,6 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
         unit_a = np.empty(K)
         for k in range(K):
             unit_a[k] = unit if a[k] > 0 else 0.0
-    # Sweeps while the loads are far from balanced. One sweep costs about as much as 2K/B shortest paths and
-    # removes 40-60% of the imbalance: a trained tokenizer's latents need 1-2 (imbalance 156 -> 87 -> 56 codewords
-    # of 512 at B = 32), a fresh one's, with every codeword near the origin, 3 (494 -> 198 -> 87 -> 43).
     # Start from p = 0 or from each latent's mean cost, whichever leaves fewer codewords in excess. The mean
     # cancels the |latent|^2 part of the cost, which decides every codeword's preference while the codebook is
     # still near the origin (a fresh tokenizer: imbalance 494 -> 180 codewords of 512, 20-25% faster solves);
@@ -370,6 +376,9 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
             centred[i] = total / ((K + 7) // 8)
         if _sampled_imbalance(CT, centred, unit_a, b, 8) < _sampled_imbalance(CT, p, unit_a, b, 8):
             p[:] = centred
+    # Sweeps while the loads are far from balanced. One sweep costs about as much as 2K/B shortest paths and
+    # removes 40-60% of the imbalance: a trained tokenizer's latents need 1-2 (imbalance 156 -> 87 -> 56 codewords
+    # of 512 at B = 32), a fresh one's, with every codeword near the origin, 3 (494 -> 198 -> 87 -> 43).
     sweeps = 0
     while B > 1 and sweeps < _MAX_SWEEPS:
         sweeps += 1
@@ -390,17 +399,8 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     # move[i, j] - offset[i] - p[j], and move_code[i, j] is that k.
     move = np.full((B, B), INF)
     move_code = np.full((B, B), -1, np.int32)
-    for k in range(K):
-        q[k] = INF
-    near = np.zeros(K, np.int64)
-    for i in range(B):
-        row = CT[i]
-        pi = p[i]
-        for k in range(K):
-            v = row[k] - pi
-            lo = v < q[k]
-            q[k] = v if lo else q[k]
-            near[k] = i if lo else near[k]
+    near = np.empty(K, np.int64)
+    _nearest_latents(CT, p, 1, q, near)
     for k in range(K):
         if a[k] > 0:
             b1 = q[k]
@@ -489,6 +489,15 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     return cost, status, augmentations
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add_entry_products(x, k, z_row, codebook, pc_row, ptz, pcol):
+    """Plan entry x between codeword k and a latent z_row: its share of the products ``solve_positions`` returns."""
+    pcol[k] += x
+    for d in range(z_row.shape[0]):
+        pc_row[d] += x * codebook[k, d]
+        ptz[k, d] += x * z_row[d]
+
+
 @njit(cache=True, nogil=True)
 def solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, Ps, PTz, Pcol, mass_tol, gap_tol):
     """``solve_position`` over ``positions`` (one call per run of positions a thread takes), returning what the
@@ -498,7 +507,6 @@ def solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, 
     Ps[m] = P_m's row sums (B,). Summed over the positions solved here (added to what the arrays hold):
     PTz += P_m^T Z[m] (K, D) and Pcol += P_m's column sums (K,). Products only for positions solved with status OK."""
     Mn, B, K = C_t.shape
-    D = Z.shape[2]
     X = np.empty((B, K))
     for r in range(positions.shape[0]):
         m = positions[r]
@@ -523,17 +531,12 @@ def solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, 
             V[m, j] -= shift
         # The plan is zero off the latents' lists: K + B entries or so out of K * B.
         for i in range(B):
-            for d in range(D):
-                Pc[m, i, d] = 0.0
+            Pc[m, i, :] = 0.0
             row = 0.0
             for s in range(count[i]):
                 k = codes[i, s]
-                x = X[i, k]
-                row += x
-                Pcol[k] += x
-                for d in range(D):
-                    Pc[m, i, d] += x * codebook[k, d]
-                    PTz[k, d] += x * Z[m, i, d]
+                row += X[i, k]
+                _add_entry_products(X[i, k], k, Z[m, i], codebook, Pc[m, i], PTz, Pcol)
             Ps[m, i] = row
 
 
@@ -543,18 +546,13 @@ def add_plan_products(plan_t, z, codebook, pc, ps, ptz, pcol):
     used): pc = plan codebook (B, D), ps = row sums (B,); ptz += plan^T z (K, D), pcol += column sums (K,). A loop
     over the nonzeros: numpy's matrix products would start BLAS threads inside the solver threads."""
     B, K = plan_t.shape
-    D = z.shape[1]
     for i in range(B):
-        for d in range(D):
-            pc[i, d] = 0.0
+        pc[i, :] = 0.0
         row = 0.0
         for k in range(K):
             x = plan_t[i, k]
             if x == 0.0:
                 continue
             row += x
-            pcol[k] += x
-            for d in range(D):
-                pc[i, d] += x * codebook[k, d]
-                ptz[k, d] += x * z[i, d]
+            _add_entry_products(x, k, z[i], codebook, pc[i], ptz, pcol)
         ps[i] = row
