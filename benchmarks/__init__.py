@@ -1,4 +1,1 @@
-"""Side-by-side performance measurements (``make bench``).
-
-Imports ``pipelines`` first so that the benchmark runs with the training jobs' OpenMP setting (see there)."""
-import pipelines  # noqa: F401
+"""Side-by-side performance measurements (``make bench``), run with the training jobs' process settings."""

@@ -9,6 +9,10 @@ term grows with K, B and positions, prior sampling with/without the KV cache, an
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # the jobs' OpenMP setting, before torch loads
+
 import argparse
 import json
 import os

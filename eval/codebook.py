@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from stage1_tokenizer.quantizers.base import perplexity
+
 
 def code_histogram(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return torch.bincount(indices.reshape(-1).long().cpu(), minlength=codebook_size)
@@ -14,11 +16,9 @@ def codebook_statistics(counts: torch.Tensor) -> dict[str, float | int]:
     total = counts.sum()
     if total <= 0:
         raise ValueError("cannot compute codebook statistics from an empty histogram")
-    probs = counts / total
-    nonzero = probs[probs > 0]
     used = int((counts > 0).sum())
     return {
-        "perplexity": float(torch.exp(-(nonzero * nonzero.log()).sum())),
+        "perplexity": float(perplexity(counts)),
         "usage": used / counts.numel(),
         "dead_codes": counts.numel() - used,
         "codebook_size": counts.numel(),

@@ -56,6 +56,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from configio.errors import UserError
+
 __all__ = [
     "FIDError",
     "FIDInputError",
@@ -94,7 +96,7 @@ _WEIGHTS_REMEDY = (
 )
 
 
-class FIDError(RuntimeError):
+class FIDError(UserError, RuntimeError):
     """Any failure to produce an FID under the protocol (missing weights, bad input)."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipelines.io import file_sha256
+from configio.files import file_sha256
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 # torchvision names its checkpoints <name>-<first 8 hex digits of the file's sha256>.pth and checks that on download.

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from pipelines.io import atomic_write_bytes
+from configio.files import atomic_write_bytes
 
 
 def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path, per_row: int = 16) -> None:

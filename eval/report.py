@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from stage1_tokenizer.quantizers.base import perplexity
+
 from .codebook import codebook_statistics
 from .fid import (
     FEATURE_DIM,
@@ -172,9 +174,7 @@ def per_position_statistics(position_counts: torch.Tensor, quantizer: Any) -> di
     """Codes used at each latent position over the test split, and (VQ-WAE) the learned pi's perplexity there."""
     counts = position_counts.double()
     used = (counts > 0).sum(1)
-    probs = counts / counts.sum(1, keepdim=True).clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-300).log()).sum(1)
-    empirical = entropy.exp()
+    empirical = perplexity(counts, dim=1)
     out: dict[str, Any] = {
         "num_positions": int(counts.shape[0]),
         "codes_used_per_position": {"mean": float(used.float().mean()), "min": int(used.min()), "max": int(used.max()),
@@ -187,7 +187,7 @@ def per_position_statistics(position_counts: torch.Tensor, quantizer: Any) -> di
     if isinstance(quantizer, VQWAEQuantizer):
         with torch.no_grad():
             pi = quantizer.code_distributions().double().cpu()
-        pi_ppl = torch.exp(-(pi * pi.clamp_min(1e-300).log()).sum(1))
+        pi_ppl = perplexity(pi, dim=1)
         out["learned_pi_perplexity"] = {
             "form": "global" if pi.shape[0] == 1 else "per_position",
             "learned": bool(quantizer.learn_weights),

@@ -14,6 +14,10 @@ one resumes) and is evaluated into `<output>/<model>/eval/`. The comparison is w
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # before torch loads
+
 import argparse
 import json
 import os
@@ -29,9 +33,10 @@ from eval.plots import save_usage_histograms
 from eval.report import PROTOCOL_TEXT
 from stage1_tokenizer.model import WEIGHTS_NAME
 
-from .config import ConfigError, from_dict, load_config, parse_override, to_dict
+from configio.errors import ConfigError
+from configio.config import from_dict, load_config, parse_override, to_dict
 from .evaluate import EvalConfig, evaluate_run
-from .io import atomic_write_json, atomic_write_text, file_sha256
+from configio.files import atomic_write_json, atomic_write_text, file_sha256
 from .train_tokenizer import TokenizerJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]

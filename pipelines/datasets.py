@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from pipelines.config import ConfigError
+from configio.errors import ConfigError, DatasetError
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "svhn", "celeba", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -71,10 +71,6 @@ _PRETTY = {
     "svhn": "SVHN",
     "celeba": "CelebA",
 }
-
-
-class DatasetError(RuntimeError):
-    """A data problem the user can fix; the one-line message names the problem and the fix."""
 
 
 @dataclass

@@ -10,6 +10,10 @@ test images with num_images=N (recorded in the report) for a quick look.
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # before torch loads
+
 import argparse
 import json
 import time
@@ -24,10 +28,12 @@ from eval.fid import FIDError
 from eval.report import PROTOCOL_TEXT, FIDReference, evaluate_reconstructions, evaluate_samples, time_per_thousand
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
-from .config import ConfigError, load_config, to_dict
+from configio.errors import ConfigError
+from configio.config import load_config, to_dict
 from .datasets import build_splits
 from .extract_codes import job_seed, tokenizer_data_config
-from .io import CheckpointError, atomic_write_json, atomic_write_text, file_sha256
+from configio.errors import CheckpointError
+from configio.files import atomic_write_json, atomic_write_text, file_sha256
 
 
 @dataclass

@@ -9,6 +9,10 @@ the codes describe the same images the tokenizer was trained on. The prior train
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # before torch loads
+
 import argparse
 import json
 from dataclasses import dataclass
@@ -22,9 +26,11 @@ from tqdm.auto import tqdm
 
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
-from .config import ConfigError, apply_overrides, from_dict
+from configio.errors import ConfigError
+from configio.config import apply_overrides, from_dict
 from .datasets import DataConfig, build_splits, dataset_info
-from .io import CheckpointError, atomic_save_safetensors, atomic_write_json, file_sha256
+from configio.errors import CheckpointError
+from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
 
 SPLITS = ("train", "val", "test")
 

@@ -10,6 +10,10 @@ how long sampling took).
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # before torch loads
+
 import argparse
 import io
 import time
@@ -27,10 +31,11 @@ from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 from stage2_prior.sampling import sample_codes
 
-from .config import ConfigError, load_config, to_dict
+from configio.errors import ConfigError
+from configio.config import load_config, to_dict
 from .datasets import DataConfig, build_splits
 from .extract_codes import job_seed, tokenizer_data_config
-from .io import atomic_write_json, file_sha256, write_directory_atomically
+from configio.files import atomic_write_json, file_sha256, write_directory_atomically
 
 
 @dataclass

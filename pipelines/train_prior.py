@@ -10,6 +10,10 @@ final validation and test NLL. The test codes are only ever scored, never traine
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # before torch loads
+
 import argparse
 import math
 import time
@@ -27,9 +31,11 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from stage2_prior.model import CodePrior, PriorConfig
 
-from .config import ConfigError, load_config, to_dict
+from configio.errors import ConfigError
+from configio.config import load_config, to_dict
 from .extract_codes import CodeSet, load_codes
-from .io import CheckpointError, atomic_write_json, atomic_write_text
+from configio.errors import CheckpointError
+from configio.files import atomic_write_json, atomic_write_text
 from .training import (
     StepBatchSampler,
     build_accelerator,

@@ -9,6 +9,10 @@ reconstructions.png and codebook_usage.png.
 """
 from __future__ import annotations
 
+from pipelines.job_environment import apply_job_environment
+
+apply_job_environment()  # before torch loads
+
 import argparse
 import math
 import time
@@ -29,9 +33,11 @@ from stage1_tokenizer.model import Tokenizer, TokenizerConfig
 from stage1_tokenizer.networks import NetworkConfig
 from stage1_tokenizer.quantizers import QuantizerConfig
 
-from .config import ConfigError, load_config, to_dict
+from configio.errors import ConfigError
+from configio.config import load_config, to_dict
 from .datasets import DataConfig, build_splits, dataset_info
-from .io import CheckpointError, atomic_write_json, atomic_write_text
+from configio.errors import CheckpointError
+from configio.files import atomic_write_json, atomic_write_text
 from .training import (
     StepBatchSampler,
     build_accelerator,

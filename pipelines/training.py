@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .io import CheckpointError, atomic_write_text, load_safetensors, load_state, save_state, write_directory_atomically
+from configio.errors import ConfigError
+from configio.errors import CheckpointError
+from configio.files import atomic_write_text, load_safetensors, load_state, save_state, write_directory_atomically
 
 LATEST = "latest"
 
@@ -171,7 +172,7 @@ def check_same_settings(job_path: Path, current: Any, keys: tuple[str, ...], ext
     compares at its default instead of blocking the resume."""
     import yaml
 
-    from .config import from_dict, to_dict
+    from configio.config import from_dict, to_dict
 
     saved = (yaml.safe_load(job_path.read_text()) or {}) if job_path.is_file() else {}
     known = {f: saved[f] for f in to_dict(current) if f in saved}

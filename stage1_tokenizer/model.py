@@ -10,8 +10,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.io import CheckpointError, atomic_save_safetensors, atomic_write_text, load_safetensors, read_stored_mapping
+from configio.errors import ConfigError
+from configio.config import from_dict, to_dict
+from configio.errors import CheckpointError
+from configio.files import atomic_save_safetensors, atomic_write_text, load_safetensors, read_stored_mapping
 
 from .networks import Decoder, Encoder, NetworkConfig
 from .quantizers import QuantizerConfig, build_quantizer

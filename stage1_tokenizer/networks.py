@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pipelines.config import ConfigError
+from configio.errors import ConfigError
 
 
 @dataclass

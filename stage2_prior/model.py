@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.io import CheckpointError, atomic_write_json, load_safetensors, read_stored_mapping
+from configio.errors import ConfigError
+from configio.config import from_dict, to_dict
+from configio.errors import CheckpointError
+from configio.files import atomic_write_json, load_safetensors, read_stored_mapping
 
 PRIOR_CONFIG_NAME = "prior_config.json"
 HF_CONFIG_NAME = "config.json"

@@ -1,6 +1,7 @@
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from configio.errors import ConfigError
+from configio.config import load_config
 from pipelines.train_tokenizer import TokenizerJobConfig
 
 
@@ -59,8 +60,19 @@ def test_jobs_shorten_openmp_spinning_unless_the_user_set_it():
     import subprocess
     import sys
 
-    show = [sys.executable, "-c", "import os, pipelines; print(os.environ['GOMP_SPINCOUNT'])"]
+    show = [sys.executable, "-c", "import os, pipelines.train_tokenizer; print(os.environ['GOMP_SPINCOUNT'])"]
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "10000"
     env["GOMP_SPINCOUNT"] = "500"
     assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "500"
+
+
+def test_importing_the_libraries_changes_nothing_in_the_process():
+    import os
+    import subprocess
+    import sys
+
+    check = [sys.executable, "-c", "import os, configio.config, configio.files, stage1_tokenizer.model, stage2_prior, "
+             "eval.fid, eval.report, pipelines.training, pipelines.runs; assert 'GOMP_SPINCOUNT' not in os.environ"]
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    subprocess.run(check, env=env, check=True)

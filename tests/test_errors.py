@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.io import CheckpointError
+from configio.errors import CheckpointError
 from stage1_tokenizer.model import Tokenizer, TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from eval.image_metrics import psnr_per_image, ssim_per_image
 from eval.report import fid_against_statistics
 from pipelines.datasets import DataConfig, build_splits
 from helpers import job, one_line_error
-from pipelines.io import file_sha256
+from configio.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.limit=48", "train.batch_size=16", "quantizer.codebook_size=16", "network.hidden_channels=8",

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from pipelines.config import ConfigError, from_dict
-from pipelines.io import CheckpointError
+from configio.errors import ConfigError
+from configio.config import from_dict
+from configio.errors import CheckpointError
 from stage2_prior import CodePrior, PriorConfig, filter_logits, sample_codes
 
 K, L, C = 32, 16, 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipelines.config import ConfigError
+from configio.errors import ConfigError
 
 from .base import Quantizer, QuantizerOutput, code_perplexity
 from .vqvae import VQVAEQuantizer

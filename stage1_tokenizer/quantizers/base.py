@@ -19,11 +19,20 @@ class QuantizerOutput(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
+def perplexity(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(entropy) of histograms or distributions along `dim` (counts need not be normalised).
+
+    K when all K entries carry equal mass, 1 when one entry carries all of it. The one definition of perplexity
+    used everywhere: code histograms of a batch or a split, and the per-position distributions pi of VQ-WAE.
+    """
+    weights = weights.double() if weights.dtype == torch.float64 else weights.float()
+    probs = weights / weights.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return torch.exp(-torch.special.xlogy(probs, probs).sum(dim=dim))
+
+
 def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """exp(entropy) of the histogram of `indices`: codebook_size when all codes are used equally, 1 when one is."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
-    probs = counts / counts.sum().clamp_min(1)
-    return torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+    """Perplexity of the histogram of `indices` over a codebook of `codebook_size` entries."""
+    return perplexity(torch.bincount(indices.reshape(-1), minlength=codebook_size))
 
 
 class Quantizer(nn.Module):

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import torch.distributed as dist
 
 from ..transport import EXACT_SOLVERS, SinkhornState, resolve_solver, start_wasserstein_loss
-from .base import Quantizer, QuantizerOutput, code_perplexity
+from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
 
 
 def reference_logits(num_positions: int, codebook_size: int) -> torch.Tensor:
@@ -133,7 +133,7 @@ class VQWAEQuantizer(Quantizer):
         if self.learn_weights:
             kl = (weights * (torch.log(weights.clamp_min(1e-30)) + math.log(self.codebook_size))).sum()
             losses.ready["kl"] = self.kl_weight * kl / self.codebook_size
-            stats["pi_perplexity"] = torch.exp(-(weights * torch.log(weights.clamp_min(1e-30))).sum(1)).mean().detach()
+            stats["pi_perplexity"] = perplexity(weights.detach()).mean()
         quantized = z + (codewords - z).detach()
         return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)
 

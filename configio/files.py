@@ -13,9 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt."""
+from .errors import CheckpointError
 
 
 def _fsync_dir(path: Path) -> None:

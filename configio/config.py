@@ -13,11 +13,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the key and the remedy."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -1,0 +1,21 @@
+"""Errors a user can fix. A job prints each as one line (`error: <message>`) and exits with status 2.
+
+Every message names the problem and the remedy. The types differ only so callers can tell what went wrong.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names it and says how."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that is missing, unknown, of the wrong type or out of range."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or exported model that is missing, incomplete or corrupt."""
+
+
+class DatasetError(UserError, RuntimeError):
+    """A data set that cannot be found, read or downloaded."""
