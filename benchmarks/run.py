@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-from stage1_tokenizer.transport import SinkhornState, _pairwise_sqdist, get_num_threads, wasserstein_loss
+from stage1_tokenizer.transport import (
+    SinkhornState,
+    _pairwise_sqdist,
+    get_num_threads,
+    wasserstein_loss,
+)
 
 TRAINED = Path("runs/default/tokenizer/best")
 
@@ -253,7 +258,7 @@ def bench_fid(repeats: int, n: int) -> dict:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# VQ-WAE benchmarks\n", f"Machine: {m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} "
+    lines = ["# VQ-WAE benchmarks\n", f"Machine: {m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} "
              f"({m['torch_threads']} threads, solver {m['solver_threads']} threads), {m['platform']}; "
              f"load average at start {m['loadavg_at_start']}. Medians of interleaved repeats.\n"]
     w = r["wasserstein"]

@@ -5,7 +5,10 @@ SSIM uses the standard Gaussian window (size 11, sigma 1.5) with data range 1, o
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 
 def psnr_per_image(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 import yaml
 
+from configio.config import from_dict, load_config, parse_override, to_dict
+from configio.errors import ConfigError
+from configio.files import atomic_write_json, atomic_write_text, file_sha256
 from eval.plots import save_usage_histograms
 from eval.report import PROTOCOL_TEXT
 from stage1_tokenizer.model import WEIGHTS_NAME
 
-from configio.errors import ConfigError
-from configio.config import from_dict, load_config, parse_override, to_dict
 from .evaluate import EvalConfig, evaluate_run
-from configio.files import atomic_write_json, atomic_write_text, file_sha256
 from .train_tokenizer import TokenizerJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +251,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .training import run_cli
+    from .cli import run_cli
 
     run_cli(main)

@@ -24,16 +24,21 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Subset
 
+from configio.config import load_config, to_dict
+from configio.errors import CheckpointError, ConfigError
+from configio.files import atomic_write_json, atomic_write_text, file_sha256
 from eval.fid import FIDError
-from eval.report import PROTOCOL_TEXT, FIDReference, evaluate_reconstructions, evaluate_samples, time_per_thousand
+from eval.report import (
+    PROTOCOL_TEXT,
+    FIDReference,
+    evaluate_reconstructions,
+    evaluate_samples,
+    time_per_thousand,
+)
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
-from configio.errors import ConfigError
-from configio.config import load_config, to_dict
 from .datasets import build_splits
-from .extract_codes import job_seed, tokenizer_data_config
-from configio.errors import CheckpointError
-from configio.files import atomic_write_json, atomic_write_text, file_sha256
+from .runs import job_seed, tokenizer_data_config
 
 
 @dataclass
@@ -250,6 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 if __name__ == "__main__":
-    from .training import run_cli
+    from .cli import run_cli
 
     run_cli(main)

@@ -15,74 +15,24 @@ apply_job_environment()  # before torch loads
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from configio.errors import ConfigError
+from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
-from configio.errors import ConfigError
-from configio.config import apply_overrides, from_dict
-from .datasets import DataConfig, build_splits, dataset_info
-from configio.errors import CheckpointError
-from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class CodeSet:
-    codes: torch.Tensor  # (N, L) long
-    labels: torch.Tensor  # (N,) long
-    metadata: dict[str, str]
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.metadata["codebook_size"])
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = json.loads(self.metadata["grid"])
-        return int(h), int(w)
-
-
-def load_codes(path: Path) -> CodeSet:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"code file '{path}' is missing; run 'make codes' (or pipelines.extract_codes) first")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            codes, labels = handle.get_tensor("codes").long(), handle.get_tensor("labels").long()
-    except Exception as err:  # safetensors raises several types for damaged files
-        raise CheckpointError(f"code file '{path}' is corrupt ({err}); delete it and extract the codes again") from None
-    for key in ("codebook_size", "grid", "tokenizer_sha256"):
-        if key not in metadata:
-            raise CheckpointError(f"code file '{path}' lacks '{key}' in its metadata; extract the codes again")
-    codeset = CodeSet(codes, labels, metadata)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codeset.codebook_size):
-        raise CheckpointError(f"code file '{path}' holds codes outside [0, {codeset.codebook_size}); extract the codes again")
-    return codeset
-
-
-def stored_tokenizer_hash(path: Path) -> str | None:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("tokenizer_sha256")
-    except Exception:
-        return None
-
-
-def tokenizer_data_config(tokenizer_dir: Path, overrides: list[str]) -> DataConfig:
-    job = tokenizer_dir / "job_config.yaml"
-    values = yaml.safe_load(job.read_text()).get("data", {}) if job.is_file() else {}
-    values = apply_overrides({"data": values}, overrides)["data"]
-    return from_dict(DataConfig, values, prefix="data.")
+from .datasets import build_splits, dataset_info
+from .runs import (
+    CODE_SPLITS,
+    job_seed,
+    load_codes,
+    stored_tokenizer_hash,
+    tokenizer_data_config,
+)
 
 
 @torch.no_grad()
@@ -104,8 +54,8 @@ def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size:
         raise ConfigError(
             f"data.image_size={data_cfg.image_size} but the tokenizer takes {tokenizer.config.image_size}-pixel images"
         )
-    todo = [s for s in SPLITS if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]
-    summary = {"tokenizer": str(tokenizer_dir), "tokenizer_sha256": digest, "reused": [s for s in SPLITS if s not in todo]}
+    todo = [s for s in CODE_SPLITS if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]
+    summary = {"tokenizer": str(tokenizer_dir), "tokenizer_sha256": digest, "reused": [s for s in CODE_SPLITS if s not in todo]}
     if todo:
         splits = build_splits(data_cfg, seed=job_seed(tokenizer_dir))  # the same train/val split as the tokenizer saw
         side = tokenizer.config.latent_size
@@ -123,14 +73,9 @@ def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size:
                 "order": "raster",
             }
             atomic_save_safetensors({"codes": codes.to(dtype), "labels": labels}, output / f"{split}.safetensors", metadata)
-    summary["counts"] = {s: int(load_codes(output / f"{s}.safetensors").codes.shape[0]) for s in SPLITS}
+    summary["counts"] = {s: int(load_codes(output / f"{s}.safetensors").codes.shape[0]) for s in CODE_SPLITS}
     atomic_write_json(output / "summary.json", summary)
     return summary
-
-
-def job_seed(tokenizer_dir: Path) -> int:
-    job = tokenizer_dir / "job_config.yaml"
-    return int((yaml.safe_load(job.read_text()) or {}).get("seed", 0)) if job.is_file() else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +94,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .training import run_cli
+    from .cli import run_cli
 
     run_cli(main)

@@ -21,21 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eval.fid import FIDError, feature_statistics, frechet_distance, reference_statistics, resolve_feature_extractor, tensor_features
+from configio.config import load_config, to_dict
+from configio.errors import ConfigError
+from configio.files import atomic_write_json, file_sha256, write_directory_atomically
+from eval.fid import (
+    FIDError,
+    feature_statistics,
+    frechet_distance,
+    reference_statistics,
+    resolve_feature_extractor,
+    tensor_features,
+)
 from eval.plots import save_png
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 from stage2_prior.sampling import sample_codes
 
-from configio.errors import ConfigError
-from configio.config import load_config, to_dict
 from .datasets import DataConfig, build_splits
-from .extract_codes import job_seed, tokenizer_data_config
-from configio.files import atomic_write_json, file_sha256, write_directory_atomically
+from .runs import job_seed, prior_tokenizer_sha256, tokenizer_data_config
 
 
 @dataclass
@@ -78,8 +84,7 @@ def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prio
             f"the tokenizer in {tokenizer_dir} makes {side}x{side} codes from {tokenizer.codebook_size}; "
             "pair a prior with the tokenizer whose codes it was trained on"
         )
-    job = prior_dir / "job_config.yaml"
-    trained_on = ((yaml.safe_load(job.read_text()) or {}).get("codes") or {}).get("tokenizer_sha256") if job.is_file() else None
+    trained_on = prior_tokenizer_sha256(prior_dir)
     if trained_on and trained_on != file_sha256(tokenizer_dir / WEIGHTS_NAME):
         raise ConfigError(
             f"the prior in {prior_dir} was trained on codes of another tokenizer than the one in {tokenizer_dir}; "
@@ -201,6 +206,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .training import run_cli
+    from .cli import run_cli
 
     run_cli(main)

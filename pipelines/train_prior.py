@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from configio.config import load_config, to_dict
+from configio.errors import CheckpointError, ConfigError
+from configio.files import atomic_write_json, atomic_write_text
 from stage2_prior.model import CodePrior, PriorConfig
 
-from configio.errors import ConfigError
-from configio.config import load_config, to_dict
-from .extract_codes import CodeSet, load_codes
-from configio.errors import CheckpointError
-from configio.files import atomic_write_json, atomic_write_text
+from .cli import run_cli
+from .runs import CodeSet, load_codes
 from .training import (
     StepBatchSampler,
     build_accelerator,
@@ -44,7 +44,6 @@ from .training import (
     ranks_max_difference,
     restore_rng_state,
     resume_point,
-    run_cli,
     shard_indices,
 )
 

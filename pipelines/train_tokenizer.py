@@ -27,17 +27,17 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from configio.config import load_config, to_dict
+from configio.errors import CheckpointError, ConfigError
+from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_reconstruction_grid, save_usage_histograms
 from eval.reconstruction import evaluate_tokenizer
 from stage1_tokenizer.model import Tokenizer, TokenizerConfig
 from stage1_tokenizer.networks import NetworkConfig
 from stage1_tokenizer.quantizers import QuantizerConfig
 
-from configio.errors import ConfigError
-from configio.config import load_config, to_dict
+from .cli import run_cli
 from .datasets import DataConfig, build_splits, dataset_info
-from configio.errors import CheckpointError
-from configio.files import atomic_write_json, atomic_write_text
 from .training import (
     StepBatchSampler,
     build_accelerator,
@@ -46,7 +46,6 @@ from .training import (
     ranks_max_difference,
     restore_rng_state,
     resume_point,
-    run_cli,
     shard_indices,
 )
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import random
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from configio.errors import ConfigError
-from configio.errors import CheckpointError
-from configio.files import atomic_write_text, load_safetensors, load_state, save_state, write_directory_atomically
+from configio.errors import CheckpointError, ConfigError
+from configio.files import (
+    atomic_write_text,
+    load_safetensors,
+    load_state,
+    save_state,
+    write_directory_atomically,
+)
 
 LATEST = "latest"
 
@@ -193,17 +197,3 @@ def ranks_max_difference(model: nn.Module, accelerator) -> float:
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     gathered = accelerator.gather(flat[None]).view(accelerator.num_processes, -1)
     return float((gathered - gathered[0]).abs().max())
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a job; problems the user can fix end with a one-line `error:` message and exit status 2."""
-    from .datasets import DatasetError
-
-    try:
-        main()
-    except (ConfigError, CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept; resume with train.resume=latest", file=sys.stderr)
-        sys.exit(130)

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from configio.errors import ConfigError
 from configio.config import from_dict, to_dict
-from configio.errors import CheckpointError
-from configio.files import atomic_save_safetensors, atomic_write_text, load_safetensors, read_stored_mapping
+from configio.errors import CheckpointError, ConfigError
+from configio.files import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    load_safetensors,
+    read_stored_mapping,
+)
 
 from .networks import Decoder, Encoder, NetworkConfig
 from .quantizers import QuantizerConfig, build_quantizer

@@ -84,7 +84,13 @@ import numpy as np
 import torch
 from ot.lp.emd_wrap import emd_c
 
-from .shortest_path_solver import NON_FINITE, OK, STATUS_NAMES, add_plan_products, solve_positions
+from .shortest_path_solver import (
+    NON_FINITE,
+    OK,
+    STATUS_NAMES,
+    add_plan_products,
+    solve_positions,
+)
 
 __all__ = [
     "wasserstein_loss",

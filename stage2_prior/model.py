@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configio.errors import ConfigError
 from configio.config import from_dict, to_dict
-from configio.errors import CheckpointError
+from configio.errors import CheckpointError, ConfigError
 from configio.files import atomic_write_json, load_safetensors, read_stored_mapping
 
 PRIOR_CONFIG_NAME = "prior_config.json"

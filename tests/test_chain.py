@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.datasets import DataConfig, build_splits
-from pipelines.extract_codes import load_codes
+from pipelines.runs import load_codes
 from stage1_tokenizer.model import Tokenizer
 from helpers import job, one_line_error
 

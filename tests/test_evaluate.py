@@ -234,7 +234,7 @@ def test_run_without_tokenizer_is_one_line_error(tmp_path, capsys):
 
 
 def in_process_error(main, argv, capsys, fragment):
-    from pipelines.training import run_cli
+    from pipelines.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(list(map(str, argv))))

@@ -21,16 +21,19 @@ Overlap (``overlap``): with the exact solver the host solve runs in background t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from collections.abc import Mapping
-
-import torch.distributed as dist
-
-from ..transport import EXACT_SOLVERS, SinkhornState, resolve_solver, start_wasserstein_loss
+from ..transport import (
+    EXACT_SOLVERS,
+    SinkhornState,
+    resolve_solver,
+    start_wasserstein_loss,
+)
 from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
 
 
