@@ -3,7 +3,8 @@
 #   make sample    [CONFIG=configs/x.yaml] [RUN=runs/name] [NUM_SAMPLES=1000] [SAMPLE_ARGS="temperature=0.9 ..."]
 #   make tokenizer [CONFIG=...] [RUN=...] [ARGS="key=value ..."]
 #   make codes | make prior [PRIOR_CONFIG=configs/prior.yaml] [PRIOR_ARGS="..."]
-#   make test
+#   make test        the whole suite (unit tests, then end-to-end runs; a few minutes on 2 CPU cores)
+#   make test-fast   the unit tests only (tests/<package>/, about a minute)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,9 @@ CODES := $(RUN)/codes
 PRIOR := $(RUN)/prior
 SAMPLES := $(RUN)/samples
 
-.PHONY: setup tokenizer codes prior sample test clean-run FORCE
+.PHONY: setup tokenizer codes prior sample test test-fast clean-run FORCE
+# A recipe that fails leaves no target behind (each job also writes its target last, atomically).
+.DELETE_ON_ERROR:
 
 setup: $(VENV)/.installed
 
@@ -66,12 +69,16 @@ $(SAMPLES)/metrics.json: $(PRIOR)/model.safetensors $(TOKENIZER)/model.safetenso
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 clean-run:
 	rm -rf $(RUN)
 
 # --- evaluation (issue 4) ---
 #   make eval    [RUN=runs/name] [EVAL_ARGS="num_images=2000 protocol=paper ..."]
-#   make compare [CONFIG=configs/x.yaml] [ARGS="train.max_steps=2000 models=[vqvae,vqwae] eval.num_images=2000"]
+#   make compare [CONFIG=configs/x.yaml] [ARGS="models=[vqvae,vqwae] train.max_steps=2000 prior.train.max_steps=500
+#                 sample.num_samples=1000 eval.num_images=1000 ..."]   (PRIOR_CONFIG is the prior every model gets)
 EVAL_ARGS ?=
 
 .PHONY: eval compare
@@ -80,7 +87,7 @@ eval: $(VENV)/.installed
 	$(PY) -m pipelines.evaluate --run $(RUN) $(EVAL_ARGS)
 
 compare: $(VENV)/.installed
-	$(PY) -m pipelines.compare --config $(CONFIG) --output runs/compare-$(basename $(notdir $(CONFIG))) $(ARGS)
+	$(PY) -m pipelines.compare --config $(CONFIG) --prior-config $(PRIOR_CONFIG) --output runs/compare-$(basename $(notdir $(CONFIG))) $(ARGS)
 
 # --- benchmarks (issue 5) ---
 .PHONY: bench

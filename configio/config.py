@@ -6,6 +6,7 @@ message naming the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -67,6 +68,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -74,6 +77,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported setting type {tp!r}")
+
+
+def _default_section(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return value if dataclasses.is_dataclass(value) else None
+    return f.default if dataclasses.is_dataclass(f.default) else None
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
@@ -85,7 +102,11 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(prefix + k for k in fields)}"
         )
-    kwargs = {name: _coerce(v, hints[name], prefix + name) for name, v in values.items()}
+    kwargs = {}
+    for name, value in values.items():
+        default = _default_section(fields[name]) if isinstance(value, dict) else None
+        # A section given in part keeps the defaults its parent chose for the rest (a job may change them).
+        kwargs[name] = _coerce(_merged(to_dict(default), value) if default is not None else value, hints[name], prefix + name)
     try:
         obj = cls(**kwargs)
     except TypeError as err:

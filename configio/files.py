@@ -1,4 +1,10 @@
-"""Files that survive a crash: atomic writes, and pickle-free training state (safetensors + JSON)."""
+"""Files that survive a crash: atomic writes, and pickle-free training state (safetensors + JSON).
+
+Every write goes to a hidden temporary (`.<name>.*.tmp`) beside its destination and is renamed into place, so a
+reader sees the old file or the complete new one, never a part. Finished files get the user's normal permissions
+(umask), not the 0600 of a temporary file. A temporary left by a killed process is removed by `remove_orphans`, which
+each job calls when it starts.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_umask_lock = threading.Lock()
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _user_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (read without changing it for long)."""
+    with _umask_lock:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a finished file or folder the user's normal permissions (temporaries are created 0600/0700)."""
+    path = Path(path)
+    os.chmod(path, _user_mode(directory=path.is_dir()))
+
+
+def remove_orphans(directory: Path) -> list[Path]:
+    """Delete the hidden temporaries (`.*.tmp`, files or folders) a killed writer left directly in `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.glob(f".*{TEMPORARY_SUFFIX}"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -46,6 +86,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,6 +109,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,6 +145,24 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file '{path}' is corrupt or not a safetensors file ({err})") from None
 
 
+def replace_files_from(source: Path, destination: Path, last: tuple[str, ...] = ()) -> None:
+    """Move every file of `source` into `destination` (each rename atomic), the names in `last` after the others.
+
+    For exports whose weights file is a make target: the config lands first, the weights last, so a complete
+    weights file never sits beside a missing or stale config.
+    """
+    source, destination = Path(source), Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: (p.name in last, last.index(p.name) if p.name in last else 0))
+    for path in files:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        publish_mode(path)
+    for path in files:
+        os.replace(path, destination / path.name)
+    _fsync_dir(destination)
+
+
 def write_directory_atomically(final: Path, fill) -> None:
     """Call `fill(tmp_dir)` then rename tmp_dir to `final`, so readers see a complete folder or none."""
     final = Path(final)
@@ -114,8 +174,10 @@ def write_directory_atomically(final: Path, fill) -> None:
             if child.is_file():
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
+                publish_mode(child)
+        publish_mode(tmp)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
+            old = final.with_name(f".{final.name}.old{TEMPORARY_SUFFIX}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)

@@ -49,3 +49,27 @@ def save_usage_histograms(histograms: dict[str, torch.Tensor], path: Path) -> No
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def save_sample_panels(panels: dict[str, torch.Tensor], path: Path, row_names: list[str] | None = None) -> None:
+    """Sample grids side by side, one panel per model; each panel (rows, columns, C, H, W) has one row per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels.items()):
+        rows, cols = images.shape[:2]
+        grid = make_grid(images.flatten(0, 1).float().clamp(0, 1), nrow=cols, padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        step = grid.shape[1] / rows
+        ax.set_yticks([step * (i + 0.5) for i in range(rows)])
+        ax.set_yticklabels(row_names[:rows] if row_names else [str(i) for i in range(rows)], fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())

@@ -1,174 +1,255 @@
-"""Train every quantizer with the same data, networks, seed and budget, evaluate each, and tabulate them (Table 1).
+"""The paper's two tables in one command: every quantizer trained the same way, then the same prior over its codes.
 
     python -m pipelines.compare --config configs/fashion_mnist.yaml --output runs/compare-fashion_mnist \
-        [train.max_steps=2000 ...] [models=[vqvae,vqwae]] [eval.num_images=2000 eval.protocol=paper ...]
+        [models=[vqvae,vqwae]] [train.max_steps=2000 ...] [prior.train.max_steps=500 ...] \
+        [sample.num_samples=1000 sample.fid_reference_images=2000] [eval.num_images=1000 ...] [generation=false]
 
-Overrides: `models=[...]` picks the quantizers (default: all below); `eval.<key>=...` goes to the evaluation
-(pipelines/evaluate.py's settings); every other `key=value` goes unchanged to each training run. The only setting
-that differs between the runs is the quantizer (`quantizer.name`, and `beta_on_codebook` for the authors' baseline);
-`quantizer.beta` left unset resolves to each quantizer's own default (VQ-VAE commitment 0.25, VQ-WAE 1e-3).
+Overrides: `models=[...]` picks the quantizers (default: all of MODELS); `eval.<key>` goes to the reconstruction
+evaluation (pipelines/evaluate.py), `prior.<key>` to the prior job (pipelines/train_prior.py, on top of
+--prior-config), `sample.<key>` to sampling (pipelines/sample.py); every other `key=value` goes unchanged to each
+tokenizer's training. Only the quantizer differs between the models (`quantizer.name`, plus `beta_on_codebook` for
+the authors' VQ-VAE baseline); `quantizer.beta` left unset resolves to each quantizer's own default.
 
-Each model trains into `<output>/<model>/tokenizer` (a finished run with the same settings is reused, an interrupted
-one resumes) and is evaluated into `<output>/<model>/eval/`. The comparison is written to `<output>/table.md`,
-`<output>/table.json` and `<output>/codebook_usage.png` (sorted code histograms side by side).
+For each model, under `<output>/<model>/`, the same steps as `make sample` (each a job in its own process, so every
+model starts from the same fresh interpreter and seed): tokenizer/ (train), eval/ (reconstruction metrics, rFID),
+codes/ (extract train/val/test), prior/ (same prior config, seed and step budget), samples/ (same count, settings and
+seed; FID against the same reference images). A finished step with the same settings is reused, an interrupted one
+resumes. The comparison: `table.md`, `table.json`, `codebook_usage.png` and `samples.png` (one row per class).
 """
 from __future__ import annotations
 
 from pipelines.job_environment import apply_job_environment
 
-apply_job_environment()  # before torch loads
+apply_job_environment()  # before torch loads; the jobs this one starts inherit it
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import yaml
+from PIL import Image
 
-from configio.config import from_dict, load_config, parse_override, to_dict
+from configio.config import load_config, parse_override, to_dict
 from configio.errors import ConfigError
 from configio.files import atomic_write_json, atomic_write_text, file_sha256
-from eval.plots import save_usage_histograms
+from eval.plots import save_sample_panels, save_usage_histograms
 from eval.report import PROTOCOL_TEXT
 from stage1_tokenizer.model import WEIGHTS_NAME
+from stage1_tokenizer.quantizers import QuantizerConfig
 
-from .evaluate import EvalConfig, evaluate_run
-from .train_tokenizer import TokenizerJobConfig
+from .cli import run_cli
+from .runs import read_job_config
+from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"
 
 # Each model differs from the others by these overrides only.
 MODELS: dict[str, list[str]] = {
     "vqvae": ["quantizer.name=vqvae", "quantizer.beta_on_codebook=false"],
     "vqvae-reference": ["quantizer.name=vqvae", "quantizer.beta_on_codebook=true"],
+    "vqvae-ema": ["quantizer.name=vqvae-ema"],
+    "fsq": ["quantizer.name=fsq"],
+    "sqvae": ["quantizer.name=sqvae"],
     "vqwae": ["quantizer.name=vqwae"],
 }
-DEFAULT_MODELS = ["vqvae", "vqvae-reference", "vqwae"]
 DESCRIPTIONS = {
     "vqvae": "VQ-VAE (beta on the commitment term, as van den Oord et al.)",
     "vqvae-reference": "VQ-VAE as in the VQ-WAE authors' code (beta on the codebook term)",
+    "vqvae-ema": "VQ-VAE with an EMA codebook, k-means init and dead-code replacement (vector-quantize-pytorch)",
+    "fsq": "FSQ, finite scalar quantization (vector-quantize-pytorch)",
+    "sqvae": "SQ-VAE (Takida et al., 2022), Gaussian variant",
     "vqwae": "VQ-WAE (this paper)",
 }
+# Sections of the overrides that go to other jobs than the tokenizer's training.
+SECTIONS = ("eval", "prior", "sample")
+# The comparison's own default budget: 1,000 test images per reconstruction metric and rFID, and 1,000 samples
+# scored against 2,000 test images, keep the default run near an hour on 2 CPU cores for VQ-VAE and VQ-WAE.
+DEFAULT_EVAL = ["num_images=1000", "fid=false"]
+DEFAULT_SAMPLE = ["num_samples=1000", "fid_reference_images=2000"]
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(models, evaluation overrides, training overrides)."""
-    models, eval_overrides, train_overrides = list(DEFAULT_MODELS), [], []
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str], bool]:
+    """(models, per-section overrides, tokenizer training overrides, whether to run stage 2)."""
+    models, sections, train_overrides, generation = list(MODELS), {s: [] for s in SECTIONS}, [], True
     for text in overrides:
         path, value = parse_override(text)
         if path == ["models"]:
             names = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
             unknown = [n for n in names if n not in MODELS]
             if not names or unknown:
-                raise ConfigError(f"models: {unknown[0] if unknown else 'empty'!r} is not a model here; choose from {', '.join(MODELS)}")
+                raise ConfigError(f"models: {unknown[0] if unknown else 'empty'!r} is not a model here; choose from "
+                                  f"{', '.join(MODELS)}")
             models = list(dict.fromkeys(names))
-        elif path[0] == "eval":
-            eval_overrides.append(text.split(".", 1)[1])
+        elif path == ["generation"]:
+            if not isinstance(value, bool):
+                raise ConfigError(f"generation: expected true or false, got {value!r}")
+            generation = value
+        elif path[0] in SECTIONS and len(path) > 1:
+            sections[path[0]].append(text.split(".", 1)[1])
         elif path[:2] in (["quantizer", "name"], ["quantizer", "beta_on_codebook"]):
-            raise ConfigError(f"override '{text}': compare sets the quantizer per model; pick models with models=[{','.join(MODELS)}]")
+            raise ConfigError(f"override '{text}': compare sets the quantizer per model; pick models with "
+                              f"models=[{','.join(MODELS)}]")
         else:
             train_overrides.append(text)
-    return models, eval_overrides, train_overrides
+    return models, sections, train_overrides, generation
 
 
-def job_configs(config: str | None, models: list[str], train_overrides: list[str]) -> dict[str, TokenizerJobConfig]:
-    """Every model's training config, built and checked before anything runs."""
-    cfgs = {}
-    for name in models:
-        cfg = load_config(TokenizerJobConfig, config, [*train_overrides, *MODELS[name]])
-        cfg.tokenizer_config()
-        cfgs[name] = cfg
-    return cfgs
-
-
-def is_finished(tokenizer_dir: Path, cfg: TokenizerJobConfig) -> bool:
-    job = tokenizer_dir / "job_config.yaml"
-    if not (tokenizer_dir / WEIGHTS_NAME).is_file() or not (tokenizer_dir / "metrics.json").is_file() or not job.is_file():
-        return False
-    try:  # read back through the config class: settings added since the run started take their defaults
-        saved = to_dict(from_dict(TokenizerJobConfig, yaml.safe_load(job.read_text()) or {}))
-    except ConfigError:
-        return False
-    current = to_dict(cfg)
-    # train.resume only says how the run was started; everything else must match for the run to count as done.
-    saved.get("train", {}).pop("resume", None)
-    current["train"].pop("resume", None)
-    return saved == current and json.loads((tokenizer_dir / "metrics.json").read_text()).get("steps") == cfg.train.max_steps
-
-
-def train(name: str, tokenizer_dir: Path, config: str | None, train_overrides: list[str]) -> None:
-    """One training run in its own process, so every model starts from the same fresh interpreter and seed."""
-    args = [sys.executable, "-m", "pipelines.train_tokenizer", "--output", str(tokenizer_dir)]
-    if config:
-        args += ["--config", str(config)]
-    args += ["train.resume=latest", *train_overrides, *MODELS[name]]
+def run_job(module: str, args: list[str], what: str) -> None:
+    """One job in its own process; its progress bars and messages go straight to the terminal."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(args, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=env)
     if proc.returncode != 0:
-        raise ConfigError(f"training {name} failed (exit {proc.returncode}, its message is above); fix it and re-run "
-                          "the same command (finished models are reused)")
+        raise ConfigError(f"{what} failed (exit {proc.returncode}, its message is above); fix it and re-run the same "
+                          "command (finished steps are reused)")
 
 
-def evaluation_is_current(run: Path, eval_cfg: EvalConfig) -> dict[str, Any] | None:
-    path = run / "eval" / "report.json"
-    if not path.is_file():
-        return None
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    same = (report.get("settings") == to_dict(eval_cfg)
-            and report.get("tokenizer_sha256") == file_sha256(run / "tokenizer" / WEIGHTS_NAME)
-            and "code_counts" in report)
-    return report if same else None
+
+
+def training_is_finished(folder: Path, settings: dict[str, Any], max_steps: int) -> bool:
+    """A finished run of the same settings: exported weights, metrics at max_steps, and the same job config."""
+    metrics = read_json(folder / "metrics.json")
+    if not (folder / WEIGHTS_NAME).is_file() or not metrics or metrics.get("steps") != max_steps:
+        return False
+    saved = read_job_config(folder)
+    saved.get("train", {}).pop("resume", None)  # how a run was started is not what it learned
+    current = json.loads(json.dumps(settings))
+    current.get("train", {}).pop("resume", None)
+    return saved == current
+
+
+def stamp_matches(folder: Path, stamp: dict[str, Any]) -> bool:
+    return read_json(folder / "compare_stamp.json") == stamp
+
+
+class ModelRun:
+    """The steps of one model's chain under `<output>/<name>/`, each skipped when its result is current."""
+
+    def __init__(self, name: str, output: Path, args: argparse.Namespace, cfg: TokenizerJobConfig,
+                 train_overrides: list[str], sections: dict[str, list[str]]):
+        self.name, self.root, self.args, self.cfg = name, output / name, args, cfg
+        self.train_overrides, self.sections = train_overrides, sections
+        self.tokenizer, self.codes, self.prior, self.samples = (self.root / d for d in ("tokenizer", "codes", "prior", "samples"))
+
+    def train_tokenizer(self) -> None:
+        if training_is_finished(self.tokenizer, to_dict(self.cfg), self.cfg.train.max_steps):
+            print(f"{self.name}: reusing the finished tokenizer in {self.tokenizer}")
+            return
+        config = ["--config", str(self.args.config)] if self.args.config else []
+        run_job("pipelines.train_tokenizer", ["--output", str(self.tokenizer), *config, "train.resume=latest",
+                                              *self.train_overrides, *MODELS[self.name]], f"training {self.name}'s tokenizer")
+
+    def evaluate(self, eval_cfg: EvalConfig, overrides: list[str]) -> dict[str, Any]:
+        report = read_json(self.root / "eval" / "report.json")
+        if not (report and report.get("settings") == to_dict(eval_cfg) and "code_counts" in report
+                and report.get("tokenizer_sha256") == file_sha256(self.tokenizer / WEIGHTS_NAME)):
+            run_job("pipelines.evaluate", ["--run", str(self.root), *overrides], f"evaluating {self.name}")
+            report = read_json(self.root / "eval" / "report.json")
+        else:
+            print(f"{self.name}: reusing the evaluation in {self.root / 'eval'}")
+        return report
+
+    def generate(self, prior_cfg: PriorJobConfig, sample_cfg: SampleConfig) -> dict[str, Any]:
+        """Codes, prior and samples; returns the prior's and the samples' metrics."""
+        run_job("pipelines.extract_codes", ["--tokenizer", str(self.tokenizer), "--output", str(self.codes)],
+                f"extracting {self.name}'s codes")
+        tokenizer_sha = file_sha256(self.tokenizer / WEIGHTS_NAME)
+        settings = {**to_dict(prior_cfg), "codes": {"dir": str(self.codes), "tokenizer_sha256": tokenizer_sha}}
+        trained_on = (read_job_config(self.prior).get("codes") or {}).get("tokenizer_sha256")
+        if trained_on not in (None, tokenizer_sha):
+            # The tokenizer was retrained: its old prior models other codes, so start that prior over.
+            shutil.rmtree(self.prior)
+        if training_is_finished(self.prior, settings, prior_cfg.train.max_steps):
+            print(f"{self.name}: reusing the finished prior in {self.prior}")
+        else:
+            run_job("pipelines.train_prior", ["--codes", str(self.codes), "--output", str(self.prior), "--config",
+                                              str(self.args.prior_config), "train.resume=latest", *self.sections["prior"]],
+                    f"training {self.name}'s prior")
+        stamp = {"settings": to_dict(sample_cfg), "tokenizer_sha256": tokenizer_sha,
+                 "prior_sha256": file_sha256(self.prior / WEIGHTS_NAME)}
+        if stamp_matches(self.samples, stamp) and read_json(self.samples / "metrics.json"):
+            print(f"{self.name}: reusing the samples in {self.samples}")
+        else:
+            run_job("pipelines.sample", ["--tokenizer", str(self.tokenizer), "--prior", str(self.prior), "--output",
+                                         str(self.samples), *self.sections["sample"]], f"sampling {self.name}")
+            atomic_write_json(self.samples / "compare_stamp.json", stamp)
+        return {"prior": read_json(self.prior / "metrics.json"), "samples": read_json(self.samples / "metrics.json")}
+
+    def class_rows(self, per_class: int = 8) -> torch.Tensor | None:
+        """The first `per_class` samples of each class as (classes, per_class, C, H, W); samples cycle through classes."""
+        metrics = read_json(self.samples / "metrics.json") or {}
+        files = sorted((self.samples / "images").glob("*.png"))
+        classes = int(metrics.get("num_classes") or 1)
+        if len(files) < classes * per_class:
+            return None
+        rows = [[files[c + classes * j] for j in range(per_class)] for c in range(classes)]
+        load = lambda path: torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1) / 255.0
+        return torch.stack([torch.stack([load(p) for p in row]) for row in rows])
 
 
 def _cell(value: Any, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else "n/a"
-
-
-def table_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for name, report in reports.items():
-        section = report["tokenizer_eval"]
-        book = section["codebook"]
-        lp, rfid = section["lpips"], section["rfid"]
-        rows.append({
-            "model": name,
-            "description": DESCRIPTIONS[name],
-            "quantizer": report["quantizer_settings"],
-            "ssim": section["ssim"],
-            "psnr": section["psnr"],
-            "lpips": lp["lpips"] if lp.get("available") else None,
-            "lpips_unavailable_reason": None if lp.get("available") else lp.get("reason"),
-            "rfid": rfid["fid"] if rfid.get("available") else None,
-            "perplexity": book["perplexity"],
-            "usage": book["usage"],
-            "dead_codes": book["dead_codes"],
-            "codebook_size": book["codebook_size"],
-            "codes_used_per_position": book["per_position"]["codes_used_per_position"]["mean"],
-            "train_seconds": report["training"].get("train_seconds"),
-            "steps": report["training"].get("steps"),
-            "num_test_images": report["num_test_images"],
-            "report": str(Path(report["run"]) / "eval" / "report.md"),
-        })
-    return rows
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
 def quantizer_summary(settings: dict[str, Any]) -> str:
     """The settings that matter for this quantizer, with beta resolved to the value training used."""
-    from stage1_tokenizer.quantizers import QuantizerConfig
-
     q = QuantizerConfig(**settings)
     if q.name == "vqvae":
-        term = "codebook" if q.beta_on_codebook else "commitment"
-        return f"beta {q.resolved_beta:g} on the {term} term"
-    return f"beta {q.resolved_beta:g}, kl_weight {q.kl_weight:g}, weights {q.weights}, form {q.form}, init {q.init}"
+        return f"beta {q.resolved_beta:g} on the {'codebook' if q.beta_on_codebook else 'commitment'} term"
+    if q.name == "vqwae":
+        return f"beta {q.resolved_beta:g}, kl_weight {q.kl_weight:g}, weights {q.weights}, form {q.form}, init {q.init}"
+    return ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("name",) and v is not None
+                     and k.split("_")[0] in (q.name.split("-")[0], "codebook"))
+
+
+def table_row(name: str, report: dict[str, Any], generation: dict[str, Any] | None) -> dict[str, Any]:
+    section = report["tokenizer_eval"]
+    book, lp, rfid = section["codebook"], section["lpips"], section["rfid"]
+    row = {
+        "model": name,
+        "description": DESCRIPTIONS[name],
+        "quantizer": report["quantizer_settings"],
+        "ssim": section["ssim"],
+        "psnr": section["psnr"],
+        "lpips": lp["lpips"] if lp.get("available") else None,
+        "lpips_unavailable_reason": None if lp.get("available") else lp.get("reason"),
+        "rfid": rfid["fid"] if rfid.get("available") else None,
+        "perplexity": book["perplexity"],
+        "usage": book["usage"],
+        "dead_codes": book["dead_codes"],
+        "codebook_size": book["codebook_size"],
+        "codes_used_per_position": book["per_position"]["codes_used_per_position"]["mean"],
+        "train_seconds": report["training"].get("train_seconds"),
+        "steps": report["training"].get("steps"),
+        "num_test_images": report["num_test_images"],
+        "report": str(Path(report["run"]) / "eval" / "report.md"),
+        "prior_val_bits_per_code": None,
+        "prior_test_bits_per_code": None,
+        "generation_fid": None,
+        "sampling_seconds": None,
+    }
+    if generation:
+        prior, samples = generation["prior"] or {}, generation["samples"] or {}
+        fid = samples.get("fid") or {}
+        row.update(prior_val_bits_per_code=prior.get("val_bits_per_token"),
+                   prior_test_bits_per_code=prior.get("test_bits_per_token"),
+                   prior_train_seconds=prior.get("train_seconds"),
+                   generation_fid=fid.get("fid"), generation_fid_num_samples=fid.get("num_samples"),
+                   generation_fid_num_reference_images=fid.get("num_reference_images"),
+                   sampling_seconds=samples.get("sampling_seconds"))
+    return row
 
 
 def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]], budget: dict[str, Any]) -> str:
@@ -177,80 +258,94 @@ def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]],
     lines = [
         f"# Quantizers compared on {budget['dataset']} ({budget['image_size']} px)",
         "",
-        f"Same data, networks, seed ({budget['seed']}) and budget for every model: {budget['steps']} steps of batch "
-        f"{budget['batch_size']}, K = {budget['codebook_size']}, latent grid {first['latent_grid'][0]}x{first['latent_grid'][1]}; "
-        f"only the quantizer differs. Test split: {first['num_test_images']} of {first['test_split_size']} images"
-        f"{' (limited by eval.num_images)' if first['limited'] else ''}.",
+        f"Same data, networks, seed ({budget['seed']}) and budget for every model: {budget['steps']} tokenizer steps of "
+        f"batch {budget['batch_size']}, K = {budget['codebook_size']}, latent grid {first['latent_grid'][0]}x"
+        f"{first['latent_grid'][1]}; only the quantizer differs. Test split: {first['num_test_images']} of "
+        f"{first['test_split_size']} images{' (limited by eval.num_images)' if first['limited'] else ''}.",
         "",
         f"Protocol: {PROTOCOL_TEXT[first['protocol']]}.",
     ]
     if rfid:
         lines.append(f"rFID: {rfid['feature_extractor']} (sha256 `{rfid['feature_extractor_sha256']}`), "
                      f"{rfid['num_images']} reconstructions vs {rfid['num_reference_images']} test images.")
+    if budget.get("generation"):
+        g = budget["generation"]
+        lines.append(f"Generation: the same prior ({g['prior_config']}, {g['prior_steps']} steps, seed {g['prior_seed']}) "
+                     f"on each model's train codes; {g['num_samples']} samples each, FID against the first "
+                     f"{g['fid_reference_images']} test images; bits per code on the val/test codes.")
     lines += [
         "",
-        "| Model | SSIM | PSNR (dB) | LPIPS | rFID | Perplexity | Usage | Dead codes | Codes/position | Train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Model | SSIM | PSNR (dB) | LPIPS | rFID | Perplexity | Usage | Dead codes | Prior val/test bits/code | "
+        "Generation FID | Sampling (s) | Train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['ssim']:.4f} | {row['psnr']:.2f} | {_cell(row['lpips'], '.4f')} | {_cell(row['rfid'], '.2f')} | "
-            f"{row['perplexity']:.1f} / {row['codebook_size']} | {100 * row['usage']:.1f}% | {row['dead_codes']} | "
-            f"{row['codes_used_per_position']:.1f} | {_cell(row['train_seconds'], '.1f')} |"
+            f"| {row['model']} | {row['ssim']:.4f} | {row['psnr']:.2f} | {_cell(row['lpips'], '.4f')} | "
+            f"{_cell(row['rfid'], '.2f')} | {row['perplexity']:.1f} / {row['codebook_size']} | {100 * row['usage']:.1f}% | "
+            f"{row['dead_codes']} | {_cell(row['prior_val_bits_per_code'], '.3f')} / {_cell(row['prior_test_bits_per_code'], '.3f')} | "
+            f"{_cell(row['generation_fid'], '.2f')} | {_cell(row['sampling_seconds'], '.1f')} | {_cell(row['train_seconds'], '.1f')} |"
         )
     lines.append("")
     lines += [f"- {row['model']}: {row['description']}; {quantizer_summary(row['quantizer'])}; report `{row['report']}`"
               for row in rows]
     reasons = {row["lpips_unavailable_reason"] for row in rows if row["lpips_unavailable_reason"]}
     lines += [f"- LPIPS unavailable: {reason}" for reason in reasons]
-    lines += ["- Train time: wall-clock seconds of the training loop on the machine that trained it (evaluation excluded).",
-              "- Code usage histograms side by side: `codebook_usage.png`.", ""]
+    lines += ["- Train time: wall-clock seconds of the tokenizer's training loop on the machine that trained it.",
+              "- Code usage histograms side by side: `codebook_usage.png`; samples, one row per class: `samples.png`.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="tokenizer YAML shared by every model, e.g. configs/fashion_mnist.yaml")
+    parser.add_argument("--prior-config", default=str(DEFAULT_PRIOR_CONFIG), help="prior YAML shared by every model")
     parser.add_argument("--output", required=True, help="e.g. runs/compare-fashion_mnist")
-    parser.add_argument("overrides", nargs="*", help="training key=value, models=[...], eval.key=value")
+    parser.add_argument("overrides", nargs="*", help="training key=value, models=[...], eval.k=v, prior.k=v, sample.k=v")
     args = parser.parse_args(argv)
-    models, eval_overrides, train_overrides = split_overrides(args.overrides)
-    # Comparison runs have no samples; FID of samples is left to `make eval` on a full run.
-    eval_cfg = load_config(EvalConfig, None, ["fid=false", *eval_overrides])
-    cfgs = job_configs(args.config, models, train_overrides)
     output = Path(args.output)
-
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
+    models, sections, train_overrides, generation = split_overrides(args.overrides)
+    sections["eval"] = [*DEFAULT_EVAL, *sections["eval"]]
+    sections["sample"] = [*DEFAULT_SAMPLE, *sections["sample"]]
+    # Every setting of every step is built and checked before anything runs.
+    eval_cfg = load_config(EvalConfig, None, sections["eval"])
+    prior_cfg = load_config(PriorJobConfig, args.prior_config, sections["prior"])
+    sample_cfg = load_config(SampleConfig, None, sections["sample"])
+    cfgs = {}
     for name in models:
-        tokenizer_dir = output / name / "tokenizer"
-        if is_finished(tokenizer_dir, cfgs[name]):
-            print(f"{name}: reusing the finished run in {tokenizer_dir}")
-        else:
-            train(name, tokenizer_dir, args.config, train_overrides)
+        cfgs[name] = load_config(TokenizerJobConfig, args.config, [*train_overrides, *MODELS[name]])
+        cfgs[name].tokenizer_config()
+    runs = {name: ModelRun(name, output, args, cfgs[name], train_overrides, sections) for name in models}
 
-    reports = {}
-    for name in models:
-        run = output / name
-        report = evaluation_is_current(run, eval_cfg)
-        if report is None:
-            report = evaluate_run(run, eval_cfg)
-        else:
-            print(f"{name}: reusing the evaluation in {run / 'eval'}")
-        reports[name] = report
+    reports, generated = {}, {}
+    for name, run in runs.items():
+        run.train_tokenizer()
+        reports[name] = run.evaluate(eval_cfg, sections["eval"])
+        if generation:
+            generated[name] = run.generate(prior_cfg, sample_cfg)
 
     cfg = cfgs[models[0]]
     budget = {"dataset": cfg.data.name, "image_size": cfg.data.image_size, "seed": cfg.seed, "steps": cfg.train.max_steps,
               "batch_size": cfg.train.batch_size, "codebook_size": cfg.quantizer.codebook_size,
               "config": args.config, "training_overrides": train_overrides}
-    rows = table_rows(reports)
+    if generation:
+        budget["generation"] = {"prior_config": args.prior_config, "prior_overrides": sections["prior"],
+                                "prior_steps": prior_cfg.train.max_steps, "prior_seed": prior_cfg.seed,
+                                "num_samples": sample_cfg.num_samples, "fid_reference_images": sample_cfg.fid_reference_images,
+                                "sample_settings": to_dict(sample_cfg)}
+    rows = [table_row(name, reports[name], generated.get(name)) for name in models]
     atomic_write_json(output / "table.json", {"budget": budget, "protocol": eval_cfg.protocol,
                                               "protocol_description": PROTOCOL_TEXT[eval_cfg.protocol],
                                               "evaluation": to_dict(eval_cfg), "models": rows})
     atomic_write_text(output / "table.md", render_table(rows, reports, budget))
     save_usage_histograms({name: torch.tensor(reports[name]["code_counts"]) for name in models}, output / "codebook_usage.png")
-    print(f"compared {', '.join(models)}; wrote {output / 'table.md'} and {output / 'codebook_usage.png'}")
+    panels = {name: grid for name in models if generation and (grid := runs[name].class_rows()) is not None}
+    if panels:
+        save_sample_panels(panels, output / "samples.png")
+    print(f"compared {', '.join(models)}; wrote {output / 'table.md'}")
 
 
 if __name__ == "__main__":
-    from .cli import run_cli
-
     run_cli(main)

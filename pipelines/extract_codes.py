@@ -22,9 +22,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from configio.errors import ConfigError
-from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
+from configio.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    file_sha256,
+    remove_orphans,
+)
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
+from .cli import pick_device
 from .datasets import build_splits, dataset_info
 from .runs import (
     CODE_SPLITS,
@@ -38,7 +44,7 @@ from .runs import (
 @torch.no_grad()
 def encode_split(tokenizer: Tokenizer, dataset, batch_size: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     codes, labels = [], []
-    for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False):
+    for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, unit="batch", dynamic_ncols=True):
         codes.append(tokenizer.encode(images.to(device)).flatten(1).cpu())
         labels.append(torch.as_tensor(targets).long())
     return torch.cat(codes), torch.cat(labels)
@@ -46,7 +52,12 @@ def encode_split(tokenizer: Tokenizer, dataset, batch_size: int, device: torch.d
 
 def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size: int = 256, device: str | None = None) -> dict:
     tokenizer_dir, output = Path(tokenizer_dir), Path(output)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    remove_orphans(output)
+    device = pick_device(device)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
     digest = file_sha256(tokenizer_dir / WEIGHTS_NAME)
     data_cfg = tokenizer_data_config(tokenizer_dir, overrides)
@@ -54,13 +65,18 @@ def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size:
         raise ConfigError(
             f"data.image_size={data_cfg.image_size} but the tokenizer takes {tokenizer.config.image_size}-pixel images"
         )
-    todo = [s for s in CODE_SPLITS if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]
+    # train.safetensors (the make target) last: its presence means every split is there.
+    order = sorted(CODE_SPLITS, key=lambda split: split == "train")
+    todo = [s for s in order if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]
     summary = {"tokenizer": str(tokenizer_dir), "tokenizer_sha256": digest, "reused": [s for s in CODE_SPLITS if s not in todo]}
     if todo:
         splits = build_splits(data_cfg, seed=job_seed(tokenizer_dir))  # the same train/val split as the tokenizer saw
         side = tokenizer.config.latent_size
         num_classes = dataset_info(data_cfg)["num_classes"]
         for split in todo:
+            if len(splits[split]) == 0:
+                raise ConfigError(f"the {split} split is empty; the prior needs codes of every split (check data.limit "
+                                  "and data.val_size)")
             codes, labels = encode_split(tokenizer, splits[split], batch_size, device, f"encoding {split}")
             dtype = torch.int16 if tokenizer.codebook_size <= 2**15 else torch.int32
             metadata = {
@@ -74,13 +90,14 @@ def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size:
             }
             atomic_save_safetensors({"codes": codes.to(dtype), "labels": labels}, output / f"{split}.safetensors", metadata)
     summary["counts"] = {s: int(load_codes(output / f"{s}.safetensors").codes.shape[0]) for s in CODE_SPLITS}
+    (output / "summary.json").unlink(missing_ok=True)
     atomic_write_json(output / "summary.json", summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder (model.safetensors + config.yaml)")
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder (model.safetensors + config.json)")
     parser.add_argument("--output", required=True, help="where the code files go, e.g. runs/default/codes")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: an accelerator when present)")

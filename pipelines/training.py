@@ -1,24 +1,43 @@
-"""Machinery every training job shares: step-indexed data order, pickle-free checkpoints with resume, clean exits."""
+"""The one training loop. Each training job supplies a `TrainingTask` (its model, its step, its evaluation); the loop
+does the rest the same way for every job: accelerate prepare, step-indexed data order, per-step seeding, progress bar,
+TensorBoard, eval-every with the LR schedule and best-validation weights, checkpoint-every with resume from `latest`,
+the multi-process weight check, export and the final metrics.
+
+Exact resume: the data order is a function of (seed, step) (`StepBatchSampler`) and the global RNG is reseeded from
+(seed, step, process) before every step, so a run killed at any moment and resumed from its last checkpoint takes
+exactly the steps an uninterrupted run takes, whatever randomness the step uses (dropout, stochastic quantization)
+and wherever epochs end. Outputs appear only when complete: checkpoints are folders renamed into place, exports are
+written file by file atomically with the weights (the make target) last, after metrics.json.
+"""
 from __future__ import annotations
 
-import random
+import math
 import shutil
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
+import yaml
 from torch import nn
+from torch.utils.data import Dataset
 
+from configio.config import from_dict, to_dict
 from configio.errors import CheckpointError, ConfigError
 from configio.files import (
+    atomic_write_json,
     atomic_write_text,
     load_safetensors,
     load_state,
+    remove_orphans,
     save_state,
     write_directory_atomically,
 )
+from configio.hub import WEIGHTS_NAME
+
+from .runs import JOB_CONFIG_NAME, read_job_config
 
 LATEST = "latest"
 
@@ -61,26 +80,6 @@ class StepBatchSampler:
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_items, world_size))
-
-
-def capture_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(tuple(state["numpy"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 class CheckpointManager:
@@ -169,26 +168,23 @@ def resume_point(output: Path, resume: str | None, keep: int) -> tuple[Checkpoin
     return checkpoints, resume_from
 
 
-def check_same_settings(job_path: Path, current: Any, keys: tuple[str, ...], extra: dict[str, Any] | None = None) -> None:
+def check_same_settings(saved: dict[str, Any], current: Any, keys: tuple[str, ...], where: Path,
+                        extra: dict[str, Any] | None = None) -> None:
     """A run may only be resumed with the settings that define what it learns (the step budget may change).
 
-    The saved settings are read back through the job's config class, so a setting added since the run started
-    compares at its default instead of blocking the resume."""
-    import yaml
-
-    from configio.config import from_dict, to_dict
-
-    saved = (yaml.safe_load(job_path.read_text()) or {}) if job_path.is_file() else {}
-    known = {f: saved[f] for f in to_dict(current) if f in saved}
+    `saved` is the run's job config; its sections are read back through the job's config class, so a setting added
+    since the run started compares at its default instead of blocking the resume. Keys that are not config fields
+    (e.g. the code files a prior trains on) compare as stored."""
+    current_values = {**to_dict(current), **(extra or {})}
+    known = {k: saved[k] for k in to_dict(current) if k in saved}
     try:
-        saved_settings = {**to_dict(from_dict(type(current), known)), **{k: saved.get(k) for k in (extra or {})}}
+        saved_values = {**saved, **to_dict(from_dict(type(current), known))}
     except ConfigError as err:
-        raise ConfigError(f"cannot resume: the settings saved in {job_path} no longer load ({err})") from None
-    current_settings = {**to_dict(current), **(extra or {})}
+        raise ConfigError(f"cannot resume: the settings saved in {where} no longer load ({err})") from None
     for key in keys:
-        if key not in known and key not in (extra or {}) or saved_settings.get(key) != current_settings.get(key):
+        if key not in saved or saved_values.get(key) != current_values.get(key):
             raise ConfigError(
-                f"cannot resume: '{key}' differs from the run in {job_path.parent}; use the same settings or another output"
+                f"cannot resume: '{key}' differs from the run in {where}; use the same settings or another output"
             )
 
 
@@ -197,3 +193,257 @@ def ranks_max_difference(model: nn.Module, accelerator) -> float:
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     gathered = accelerator.gather(flat[None]).view(accelerator.num_processes, -1)
     return float((gathered - gathered[0]).abs().max())
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the one training loop; each job changes only the defaults (see its job config)."""
+
+    batch_size: int = 32  # per process
+    max_steps: int = 6000
+    lr: float = 1e-3  # the peak learning rate
+    lr_schedule: Literal["plateau", "constant", "cosine"] = "plateau"
+    lr_factor: float = 0.5  # plateau: ReduceLROnPlateau on the validation metric, cut by this factor...
+    lr_patience: int = 3  # ...after this many evaluations without improvement
+    warmup_steps: int = 0  # cosine: linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0  # AdamW, on weight matrices only (dim >= 2)
+    adam_beta2: float = 0.999
+    grad_clip: float = 0.0  # max gradient norm; 0: off
+    eval_every: int = 1000
+    eval_images: int | None = 2000  # validation items per evaluation; null: the whole validation split
+    eval_batch_size: int = 256
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False  # force the CPU even when an accelerator is present
+    num_workers: int = 0
+    export: Literal["best", "last"] = "best"  # which weights become model.safetensors (and are tested)
+    resume: str | None = None  # "latest", or a checkpoints/step_* folder
+
+    def validate(self) -> None:
+        for key in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        for key in ("keep_checkpoints", "num_workers", "lr_patience", "warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise ConfigError(
+                f"train.eval_images must be >= 1 or null (the whole validation split), got {self.eval_images}; the "
+                "validation metric picks the best weights and drives the LR schedule, so it cannot be empty"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0 < self.lr_factor < 1:
+            raise ConfigError(f"train.lr_factor must lie in (0, 1), got {self.lr_factor}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise ConfigError(f"train.adam_beta2 must lie in [0, 1), got {self.adam_beta2}")
+        if self.lr_schedule == "cosine" and self.warmup_steps >= self.max_steps:
+            raise ConfigError(f"train.warmup_steps must be below train.max_steps ({self.max_steps}), got {self.warmup_steps}")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds feed numpy's and torch's generators, which take 0 .. 2**32 - 1."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must lie in [0, 2**32), got {seed}")
+
+
+class TrainingTask:
+    """What a training job supplies to the loop. Subclass it and fill in the methods below.
+
+    The loop calls, in order: `build_model()` (after seeding), `training_step()` once per step, `validate()` every
+    train.eval_every steps, and at the end `final_metrics()` with the exported weights; it owns everything else.
+    """
+
+    name: str = "model"  # progress bar, TensorBoard project and messages
+    validation_metric: str = "val/loss"  # lower is better; picks the best weights and drives a plateau schedule
+    job_record: dict[str, Any]  # what job_config.yaml stores besides the config (e.g. the code files used)
+    resume_keys: tuple[str, ...] = ()  # job_config entries that must match to resume a run
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_set(self) -> Dataset:
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch: Any, step: int, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to minimise for one batch and what to log (scalars) at log steps."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, accelerator) -> float:
+        """The validation metric, reduced over every process (lower is better)."""
+        raise NotImplementedError
+
+    def progress(self, logs: dict[str, float]) -> dict[str, str]:
+        """A few of `logs` for the progress bar."""
+        return {}
+
+    def load_export(self, directory: Path, device: torch.device) -> nn.Module:
+        raise NotImplementedError
+
+    def final_metrics(self, model: nn.Module, accelerator) -> dict[str, Any]:
+        """Test-split metrics of the exported model, called on every process (the main one's are written)."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        return f"{self.name}: done"
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed torch's global generators (CPU and every accelerator) for one step of one process."""
+    torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % 2**63)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.lr_factor, patience=cfg.lr_patience)
+    if cfg.lr_schedule == "cosine":
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps,
+                                                           min_lr_rate=cfg.min_lr_ratio)
+    return None
+
+
+def prepare_output(output: Path) -> None:
+    """Refuse a file where the output folder should be; remove temporaries a killed run left behind."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
+    for folder in (output, output / "best", output / "checkpoints"):
+        remove_orphans(folder)
+
+
+def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_config: Any) -> dict[str, Any] | None:
+    """Run `task` to cfg.max_steps (resuming when asked), export, evaluate and write metrics.json.
+
+    Returns the metrics on the main process (None on the others). `job_config` is the job's whole config dataclass;
+    it is saved to job_config.yaml (with `task.job_record`) when the run starts and checked when it resumes.
+    """
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    check_seed(seed)
+    output = Path(output)
+    prepare_output(output)
+    accelerator = build_accelerator(cfg.mixed_precision, cfg.cpu, output)
+    is_main = accelerator.is_main_process
+    checkpoints, resume_from = resume_point(output, cfg.resume, cfg.keep_checkpoints)
+    record = {**to_dict(job_config), **task.job_record}
+    if resume_from is not None:
+        check_same_settings(read_job_config(output), job_config, task.resume_keys, output / JOB_CONFIG_NAME,
+                            task.job_record)
+
+    set_seed(seed)
+    model = task.build_model()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    state = {"step": 0, "best_val": math.inf, "best_step": -1, "train_seconds": 0.0}
+    if resume_from is not None:
+        names = ["optimizer", "trainer"] + (["scheduler"] if scheduler is not None else [])
+        loaded = checkpoints.load(resume_from, model, names)
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(loaded["scheduler"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint '{resume_from}' does not fit these settings ({err}); resume with the "
+                                  "settings it was made with or choose another output") from None
+        state.update(loaded["trainer"])
+        accelerator.print(f"resuming from {resume_from} at step {state['step']}")
+    elif is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output / JOB_CONFIG_NAME, yaml.safe_dump(record, sort_keys=False))
+    # Stale results must not outlive the run that replaces them: metrics.json is written again at the end.
+    if is_main:
+        (output / "metrics.json").unlink(missing_ok=True)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    start = int(state["step"])
+    train_set = task.train_set()
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
+                               seed, start, cfg.max_steps)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
+    accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})
+    progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
+    step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
+
+    model.train()
+    for batch in loader:
+        seed_step(seed, step, accelerator.process_index)
+        with accelerator.autocast():
+            loss, logs = task.training_step(model, batch, step, accelerator)
+        if not torch.isfinite(loss.detach()):
+            raise ConfigError(f"the {task.name} loss became {float(loss)} at step {step + 1}; lower train.lr "
+                              "(or check the data for NaN/inf values) and start again")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if scheduler is not None and cfg.lr_schedule != "plateau":
+            scheduler.step()
+        step += 1
+        progress.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+            progress.set_postfix(task.progress(logs))
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            value = task.validate(raw_model, accelerator)
+            raw_model.train()
+            accelerator.log({task.validation_metric: value}, step=step)
+            if scheduler is not None and cfg.lr_schedule == "plateau":
+                scheduler.step(value)
+            if value < state["best_val"]:
+                state.update(best_val=value, best_step=step)
+                if is_main:
+                    raw_model.save_pretrained(output / "best")
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
+            if is_main:
+                states = {"optimizer": optimizer.state_dict(), "trainer": dict(state)}
+                if scheduler is not None:
+                    states["scheduler"] = scheduler.state_dict()
+                checkpoints.save(step, raw_model, states)
+            accelerator.wait_for_everyone()
+    progress.close()
+    if step < cfg.max_steps:
+        raise CheckpointError(f"the data loader ended early at step {step} of {cfg.max_steps}")
+    train_seconds = seconds_before + time.perf_counter() - started
+    sync = ranks_max_difference(model, accelerator)
+    accelerator.wait_for_everyone()
+
+    export_best = cfg.export == "best" and (output / "best" / WEIGHTS_NAME).is_file()
+    final = task.load_export(output / "best", accelerator.device) if export_best else raw_model.eval()
+    metrics = task.final_metrics(final, accelerator)
+    accelerator.end_training()
+    if not is_main:
+        return None
+    metrics.update(
+        weights=f"best validation (step {state['best_step']})" if export_best else f"last (step {step})",
+        best_step=state["best_step"],
+        best_validation={"metric": task.validation_metric, "value": state["best_val"]},
+        steps=step,
+        train_seconds=round(train_seconds, 1),
+        processes=accelerator.num_processes,
+        max_param_difference_across_processes=sync,
+    )
+    # metrics.json first, the weights (the make target) last: a present target always comes with its metrics.
+    atomic_write_json(output / "metrics.json", metrics)
+    final.save_pretrained(output)
+    print(task.summary(metrics))
+    return metrics

@@ -1,29 +1,28 @@
-"""The tokenizer: encoder -> quantizer -> decoder, saved as safetensors plus a readable YAML config."""
+"""The tokenizer: encoder -> quantizer -> decoder, saved the Hugging Face way (config.json + model.safetensors).
+
+    tokenizer = Tokenizer(TokenizerConfig(image_size=32, channels=1))
+    tokenizer.save_pretrained("runs/default/tokenizer"); Tokenizer.from_pretrained("runs/default/tokenizer")
+    tokenizer.push_to_hub("you/fashion-mnist-vqwae")   # when a hub is reachable
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from configio.config import from_dict, to_dict
-from configio.errors import CheckpointError, ConfigError
-from configio.files import (
-    atomic_save_safetensors,
-    atomic_write_text,
-    load_safetensors,
-    read_stored_mapping,
-)
+from configio.errors import ConfigError
+from configio.hub import WEIGHTS_NAME, HubModel
 
 from .networks import Decoder, Encoder, NetworkConfig
 from .quantizers import QuantizerConfig, build_quantizer
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
+CONFIG_NAME = "config.json"
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Tokenizer", "TokenizerConfig", "TokenizerOutput"]
 
 
 @dataclass
@@ -54,10 +53,14 @@ class TokenizerOutput(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
-class Tokenizer(nn.Module):
-    def __init__(self, cfg: TokenizerConfig):
+class Tokenizer(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "image-tokenizer"]):
+    what = "tokenizer"
+    make_hint = "train one with 'make tokenizer' or check the path"
+
+    def __init__(self, config: TokenizerConfig):
         super().__init__()
-        cfg.validate()
+        # from_pretrained hands over the JSON config with its nested sections as dicts: rebuild and check them.
+        cfg = from_dict(TokenizerConfig, to_dict(config) if dataclasses.is_dataclass(config) else dict(config))
         self.config = cfg
         self.encoder = Encoder(cfg.network, cfg.channels)
         self.quantizer = build_quantizer(cfg.quantizer, cfg.network.embedding_dim, cfg.num_positions)
@@ -101,31 +104,3 @@ class Tokenizer(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices = self.encode(x)
         return self.decode(indices), indices
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        atomic_save_safetensors(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt", "model": "vq-tokenizer"})
-        atomic_write_text(directory / CONFIG_NAME, yaml.safe_dump(to_dict(self.config), sort_keys=False))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "Tokenizer":
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        values = read_stored_mapping(config_path, "tokenizer", "train one with 'make tokenizer' or check the path")
-        try:
-            cfg = from_dict(TokenizerConfig, values)
-        except ConfigError as err:
-            raise CheckpointError(f"tokenizer config '{config_path}' is invalid: {err}") from None
-        model = cls(cfg)
-        state = load_safetensors(directory / WEIGHTS_NAME)
-        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-        if missing or unexpected:
-            raise CheckpointError(
-                f"tokenizer weights '{directory / WEIGHTS_NAME}' do not match its config "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise CheckpointError(f"tokenizer weights '{directory / WEIGHTS_NAME}' do not match its config: {str(err).splitlines()[-1].strip()}") from None
-        return model.to(map_location).eval()

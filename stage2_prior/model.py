@@ -12,16 +12,15 @@ codes. Training loss and NLL are taken over the code logits only (the special to
 softmax), which is exactly the distribution `sampling.sample_codes` draws from, so the reported NLL/bits per token
 is that of the sampler.
 
-Weights are stored the `transformers` way (model.safetensors + config.json) plus `prior_config.json`, the readable
-`PriorConfig`; loading reads safetensors and JSON only, never pickle.
+Saved the Hugging Face way (`configio.hub.HubModel`): config.json holds the `PriorConfig` (the one config; the
+transformer's own config is rebuilt from it), model.safetensors the weights; loading reads JSON and safetensors only,
+never pickle. `push_to_hub` works when a hub is reachable.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,12 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from configio.config import from_dict, to_dict
-from configio.errors import CheckpointError, ConfigError
-from configio.files import atomic_write_json, load_safetensors, read_stored_mapping
+from configio.errors import ConfigError
+from configio.hub import WEIGHTS_NAME, HubModel
 
-PRIOR_CONFIG_NAME = "prior_config.json"
-HF_CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CodePrior", "PriorConfig", "build_transformer"]
 # Scaled-dot-product attention. Measured on 2 CPU cores (4 layers, hidden 256, 64 x 64 codes): sdpa and eager are
 # within noise of each other for cached sampling and for a training step (sdpa ~10-20% faster uncached for llama);
 # sdpa is the transformers default and uses the fused/flash kernels on CUDA. Cached and uncached sampling draw
@@ -160,30 +158,18 @@ def build_transformer(cfg: PriorConfig) -> nn.Module:
     return LlamaForCausalLM(hf_config)
 
 
-@lru_cache(maxsize=None)
-def _forward_keywords(model_cls: type) -> tuple[str, bool]:
-    """(name of the KV-cache argument, whether `logits_to_keep` is accepted) for this transformers version."""
-    params = inspect.signature(model_cls.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    return cache_arg, "logits_to_keep" in params
-
-
-def _output_cache(out: Any) -> Any:
-    for key in ("cache", "past_key_values"):
-        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
-        if value is not None:
-            return value
-    return None
-
-
-class CodePrior(nn.Module):
+class CodePrior(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "image-generation", "code-prior"]):
     """Wraps a `transformers` GPT-2 or Llama causal LM over [condition token] + L codes."""
 
-    def __init__(self, cfg: PriorConfig, transformer: nn.Module | None = None):
+    what = "prior"
+    make_hint = "train one with 'make prior' or check the path"
+
+    def __init__(self, config: PriorConfig):
         super().__init__()
+        cfg = from_dict(PriorConfig, to_dict(config) if dataclasses.is_dataclass(config) else dict(config))
         cfg.check_complete()
         self.config = cfg
-        self.model = transformer if transformer is not None else build_transformer(cfg)
+        self.model = build_transformer(cfg)
 
     # --- conveniences mirroring the token layout ---
 
@@ -268,17 +254,8 @@ class CodePrior(nn.Module):
         last_only: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """Float32 logits over the K codes only (special tokens dropped) and the updated KV cache (or None)."""
-        cache_arg, has_keep = _forward_keywords(type(self.model))
-        kwargs: dict[str, Any] = {"use_cache": use_cache}
-        if cache is not None:
-            kwargs[cache_arg] = cache
-        if last_only and has_keep:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, **kwargs)
-        logits = out.logits
-        if last_only:
-            logits = logits[:, -1:]
-        return logits[..., : self.codebook_size].float(), (_output_cache(out) if use_cache else None)
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=use_cache, logits_to_keep=1 if last_only else 0)
+        return out.logits[..., : self.codebook_size].float(), (out.cache if use_cache else None)
 
     def _inputs(self, codes: torch.Tensor, labels, generator: torch.Generator | None, drop_labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.check_codes(codes)
@@ -330,52 +307,3 @@ class CodePrior(nn.Module):
             return self.code_logits(input_ids)[0]
         finally:
             self.train(was_training)
-
-    # --- persistence ---
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write model.safetensors + config.json (transformers) and prior_config.json (our settings, last)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(directory))
-        atomic_write_json(directory / PRIOR_CONFIG_NAME, to_dict(self.config))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CodePrior":
-        directory = Path(directory)
-        config_path = directory / PRIOR_CONFIG_NAME
-        values = read_stored_mapping(config_path, "prior", "train one with 'make prior' or check the path")
-        try:
-            cfg = from_dict(PriorConfig, values)
-        except ConfigError as err:
-            raise CheckpointError(f"prior config '{config_path}' is invalid: {err}") from None
-
-        hf_path = directory / HF_CONFIG_NAME
-        if not hf_path.is_file():
-            raise CheckpointError(f"prior '{directory}' is incomplete: {HF_CONFIG_NAME} is missing")
-        hf_values = read_stored_mapping(hf_path, "transformer", "")
-        model = cls(cfg)
-        expected = model.model.config.to_dict()
-        for key in ("model_type", "vocab_size", "n_positions", "max_position_embeddings", "n_embd", "hidden_size", "n_layer", "num_hidden_layers"):
-            if key in expected and key in hf_values and hf_values[key] != expected[key]:
-                raise CheckpointError(
-                    f"'{hf_path}' says {key}={hf_values[key]!r} but {PRIOR_CONFIG_NAME} implies {expected[key]!r}; "
-                    "the checkpoint's files do not belong together"
-                )
-
-        weights_path = directory / WEIGHTS_NAME
-        state = load_safetensors(weights_path)
-        own = model.model.state_dict()
-        missing, unexpected = set(own) - set(state), set(state) - set(own)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"prior weights '{weights_path}' do not match its config "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
-        try:
-            model.model.load_state_dict(state)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"prior weights '{weights_path}' do not match its config: {str(err).splitlines()[-1].strip()}"
-            ) from None
-        return model.to(map_location).eval()

@@ -21,3 +21,22 @@ def one_line_error(proc, fragment):
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
     assert last.startswith("error: ") and fragment in last, last
     assert "Traceback" not in proc.stderr
+
+
+def write_code_set(folder, num_train=64, num_eval=32, codebook_size=16, side=4, num_classes=3, seed=0):
+    """A small random code set in the format pipelines.extract_codes writes (train/val/test.safetensors)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for split, n in (("train", num_train), ("val", num_eval), ("test", num_eval)):
+        codes = torch.randint(0, codebook_size, (n, side * side), generator=generator).to(torch.int16)
+        labels = torch.randint(0, max(1, num_classes), (n,), generator=generator)
+        metadata = {"codebook_size": str(codebook_size), "grid": json.dumps([side, side]), "tokenizer_sha256": "synthetic",
+                    "num_classes": str(num_classes), "split": split, "order": "raster"}
+        save_file({"codes": codes, "labels": labels}, str(folder / f"{split}.safetensors"), metadata=metadata)
+    return folder

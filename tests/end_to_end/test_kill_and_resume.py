@@ -1,0 +1,106 @@
+"""Exact resume under SIGKILL at random moments, for both training jobs, across several epoch boundaries.
+
+Each job trains 24 steps on a split of 64 items in batches of 16 (4 steps an epoch, so six epochs), with randomness in
+the step (the prior's dropout and label dropout; the tokenizer's stochastic SQ-VAE quantization), a checkpoint every
+other step and an evaluation every fourth. A run killed at random moments (during steps, checkpoint writes,
+evaluations and the export) and resumed each time must end bit-identical to the uninterrupted run: weights,
+optimizer state, exported model and metrics. After every kill, nothing that looks finished may be partial.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, write_code_set
+from stage1_tokenizer.model import Tokenizer
+from stage2_prior.model import CodePrior
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+COMMON = [f"train.max_steps={STEPS}", "train.batch_size=16", "train.checkpoint_every=2", "train.eval_every=4",
+          "train.log_every=1"]
+JOBS = {
+    "prior": (CodePrior, ["-m", "pipelines.train_prior", "prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2",
+                          "prior.dropout=0.1", "prior.label_dropout=0.2", "train.warmup_steps=3"]),
+    "tokenizer": (Tokenizer, ["-m", "pipelines.train_tokenizer", "data.limit=64", "quantizer.name=sqvae",
+                              "quantizer.codebook_size=32", "network.hidden_channels=16", "network.residual_channels=4",
+                              "network.num_residual_layers=1", "train.eval_images=32", "train.eval_batch_size=32"]),
+}
+
+
+def command(job, out, data_root, codes):
+    _, args = JOBS[job]
+    inputs = ["--codes", str(codes)] if job == "prior" else [f"data.root={data_root}"]
+    return [sys.executable, *args[:2], "--output", str(out), *inputs, *args[2:], *COMMON, "train.resume=latest"]
+
+
+def start(cmd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def check_nothing_partial(out, model_cls):
+    """What looks finished is complete: `latest`, the best weights and the exported model all load."""
+    pointer = out / "checkpoints" / "latest"
+    if pointer.is_file():
+        folder = out / "checkpoints" / pointer.read_text().strip()
+        for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer.json"):
+            assert (folder / name).is_file(), f"latest names {folder.name}, which lacks {name}"
+        load_file(folder / "model.safetensors")
+    for folder in (out / "best", out):
+        if (folder / "model.safetensors").is_file():
+            model_cls.from_pretrained(folder)
+    if (out / "model.safetensors").is_file():
+        assert (out / "metrics.json").is_file(), "the export (make target) exists without its metrics"
+
+
+def comparable_metrics(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("train_seconds")
+    return metrics
+
+
+@pytest.mark.parametrize("job", ["prior", "tokenizer"])
+def test_killed_at_random_moments_resumes_bit_identical(job, tmp_path, data_root):
+    model_cls, _ = JOBS[job]
+    codes = write_code_set(tmp_path / "codes") if job == "prior" else None
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+
+    started = time.perf_counter()
+    proc = start(command(job, reference, data_root, codes))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    seconds = time.perf_counter() - started
+
+    rng = random.Random(f"{job}-kills")
+    kills = 0
+    while True:
+        proc = start(command(job, interrupted, data_root, codes))
+        if kills < 6:
+            try:
+                proc.wait(timeout=rng.uniform(0.3, 1.0) * seconds)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                kills += 1
+                check_nothing_partial(interrupted, model_cls)
+                continue
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+        break
+    assert kills >= 3, f"only {kills} kills landed before the run finished"
+    assert not list(interrupted.rglob(".*.tmp")), "temporaries of killed writers were left behind"
+
+    final = f"checkpoints/step_{STEPS:07d}"
+    for name in (f"{final}/model.safetensors", f"{final}/optimizer.safetensors", "model.safetensors"):
+        a, b = load_file(interrupted / name), load_file(reference / name)
+        assert a.keys() == b.keys(), name
+        for key in b:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after {kills} kills"
+    assert comparable_metrics(interrupted) == comparable_metrics(reference)
