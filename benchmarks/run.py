@@ -4,7 +4,7 @@
 
 Every comparison interleaves its variants (A, B, A, B, ...) so that load from other jobs hits both alike, and reports
 medians and ratios of medians. Sections: the Wasserstein term (our exact solvers vs a naive per-position ot.emd2
-loop, and the Sinkhorn gap), a full training step VQ-WAE vs VQ-VAE at the reference and a larger setting, how the
+loop), a full training step VQ-WAE vs VQ-VAE at the reference and a larger setting, how the
 term grows with K, B and positions, prior sampling with/without the KV cache, and FID feature extraction.
 """
 from __future__ import annotations
@@ -23,12 +23,7 @@ from pathlib import Path
 
 import torch
 
-from stage1_tokenizer.transport import (
-    SinkhornState,
-    _pairwise_sqdist,
-    get_num_threads,
-    wasserstein_loss,
-)
+from stage1_tokenizer.transport import _pairwise_sqdist, get_num_threads, wasserstein_loss
 
 TRAINED = Path("runs/default/tokenizer/best")
 
@@ -106,7 +101,7 @@ def reference_latents():
 # ------------------------------------------------------------------------------------------------ sections
 
 
-def bench_wasserstein(repeats: int, sinkhorn_eps: list[float]) -> dict:
+def bench_wasserstein(repeats: int) -> dict:
     import ot
 
     lat, cb, w, source = reference_latents()
@@ -138,19 +133,6 @@ def bench_wasserstein(repeats: int, sinkhorn_eps: list[float]) -> dict:
         "value": v_ours, "max_rel_value_difference": abs(v_ours - v_naive) / abs(v_naive),
         "network_simplex_max_rel_value_difference": abs(v_simplex - v_naive) / abs(v_naive), "repeats": repeats,
     }
-    exact = v_ours
-    rows = []
-    for eps in sinkhorn_eps:
-        state = SinkhornState()
-        with torch.no_grad():
-            cold = _timeit(lambda: wasserstein_loss(lat, cb, w, solver="sinkhorn", epsilon=eps, state=state, max_iter=1000))
-            cold_iters = state.iterations
-            value = {}
-            warm = _timeit(lambda: value.setdefault("v", float(wasserstein_loss(lat, cb, w, solver="sinkhorn", epsilon=eps, state=state, max_iter=1000))))
-        rows.append({"epsilon": eps, "relative_gap": (value["v"] - exact) / exact, "cold_ms": 1e3 * cold,
-                     "cold_iterations": cold_iters, "warm_ms": 1e3 * warm, "warm_iterations": state.iterations,
-                     "marginal_error": state.marginal_error})
-    out["sinkhorn"] = rows
     return out
 
 
@@ -169,7 +151,6 @@ def bench_step(batch: int, image_size: int, repeats: int, use_trained: bool) -> 
         "vqvae": _tokenizer("vqvae", image_size),
         "vqwae": _tokenizer("vqwae", image_size),
         "vqwae_network_simplex": _tokenizer("vqwae", image_size, solver="dense"),
-        "vqwae_overlap": _tokenizer("vqwae", image_size, overlap="on"),
     }
     weights = "random init"
     trained = trained_tokenizer() if use_trained else None
@@ -197,7 +178,6 @@ def bench_step(batch: int, image_size: int, repeats: int, use_trained: bool) -> 
         **{f"{k}_ms": 1e3 * v for k, v in t.items()},
         "ratio_vqwae_vqvae": t["vqwae"] / t["vqvae"],
         "ratio_vqwae_network_simplex_vqvae": t["vqwae_network_simplex"] / t["vqvae"],
-        "ratio_vqwae_overlap_vqvae": t["vqwae_overlap"] / t["vqvae"],
     }
 
 
@@ -268,22 +248,16 @@ def markdown(r: dict) -> str:
               f"{w['max_rel_value_difference']:.1e} |",
               f"| ours, `dense` (POT's network simplex, threaded) | {w['network_simplex_ms']:.1f} | "
               f"{w['network_simplex_speedup']:.2f}x | {w['network_simplex_max_rel_value_difference']:.1e} |",
-              f"| naive loop of ot.emd2 per position | {w['naive_ms']:.1f} | 1.00x | 0 |\n",
-              "| Sinkhorn epsilon | relative gap to exact | cold ms (iterations) | warm-start ms (iterations) | latent marginal L1 error |",
-              "|---|---|---|---|---|"]
-    for s in w["sinkhorn"]:
-        lines.append(f"| {s['epsilon']} | {s['relative_gap']:.2e} | {s['cold_ms']:.0f} ({s['cold_iterations']}) | "
-                     f"{s['warm_ms']:.0f} ({s['warm_iterations']}) | {s['marginal_error']:.1e} |")
+              f"| naive loop of ot.emd2 per position | {w['naive_ms']:.1f} | 1.00x | 0 |"]
     lines += ["\n## Training step (forward, backward, Adam), same network and data\n",
-              "VQ-WAE runs the default `exact` solver; the last columns give the step with POT's network simplex "
-              "(`solver=dense`) and with the solve overlapped with the decoder (`overlap=on`).\n",
-              "| setting | weights | VQ-VAE ms | VQ-WAE ms | **VQ-WAE / VQ-VAE** | network simplex ms (ratio) | overlap ms (ratio) |",
-              "|---|---|---|---|---|---|---|"]
+              "VQ-WAE runs the default `exact` solver; the last column gives the step with POT's network simplex "
+              "(`solver=dense`).\n",
+              "| setting | weights | VQ-VAE ms | VQ-WAE ms | **VQ-WAE / VQ-VAE** | network simplex ms (ratio) |",
+              "|---|---|---|---|---|---|"]
     for s in r["steps"]:
         lines.append(f"| batch {s['batch']}, {s['latent_grid']}x{s['latent_grid']} grid, K=512, D=64 | {s['weights']} | "
                      f"{s['vqvae_ms']:.1f} | {s['vqwae_ms']:.1f} | **{s['ratio_vqwae_vqvae']:.2f}** | "
-                     f"{s['vqwae_network_simplex_ms']:.1f} ({s['ratio_vqwae_network_simplex_vqvae']:.2f}) | "
-                     f"{s['vqwae_overlap_ms']:.1f} ({s['ratio_vqwae_overlap_vqvae']:.2f}) |")
+                     f"{s['vqwae_network_simplex_ms']:.1f} ({s['ratio_vqwae_network_simplex_vqvae']:.2f}) |")
     lines += ["\n## Wasserstein term vs problem size (Gaussian inputs and softmax(randn) weights, forward + backward)\n",
               "`exact` runs the shortest-path solver where B <= 128 and K >= 4B, POT's network simplex elsewhere.\n",
               "| varied | M | K | B | `exact` ms | `dense` ms | dense / exact |", "|---|---|---|---|---|---|---|"]
@@ -308,7 +282,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     q = args.quick
     report = {"machine": machine()}
-    report["wasserstein"] = bench_wasserstein(2 if q else 5, [0.1] if q else [0.1, 0.03, 0.01])
+    report["wasserstein"] = bench_wasserstein(2 if q else 5)
     report["steps"] = [bench_step(32, 32, 2 if q else 30, True)]
     if not q:
         if report["steps"][0]["weights"] != "random init":  # early training: spread latents, harder problems

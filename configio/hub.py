@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from huggingface_hub import PyTorchModelHubMixin
 from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 
@@ -92,8 +93,9 @@ class HubModel(PyTorchModelHubMixin):
             weights = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
                                       force_download=force_download, token=token, local_files_only=local_files_only)
         model = cls(**model_kwargs)
+        device = torch.device(map_location)
         try:
-            load_model(model, weights, strict=True, device=str(map_location))
+            load_model(model, weights, strict=True, device="cpu" if device.type == "cpu" else str(device))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{cls.what} weights '{weights}' are corrupt or not a safetensors file ({err})") from None
         except RuntimeError as err:

@@ -366,8 +366,10 @@ def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_con
     elif is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / JOB_CONFIG_NAME, yaml.safe_dump(record, sort_keys=False))
-    # Stale results must not outlive the run that replaces them: metrics.json is written again at the end.
+    # Stale results must not outlive the run that replaces them; the export (the make target) goes first, so a
+    # present export always comes with its metrics. Both are written again at the end.
     if is_main:
+        (output / WEIGHTS_NAME).unlink(missing_ok=True)
         (output / "metrics.json").unlink(missing_ok=True)
 
     model, optimizer = accelerator.prepare(model, optimizer)

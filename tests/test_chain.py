@@ -33,7 +33,7 @@ def chain(tmp_path_factory, data_root):
 
 def test_every_artifact(chain):
     for name in ["codes/train.safetensors", "codes/val.safetensors", "codes/test.safetensors", "prior/model.safetensors",
-                 "prior/config.json", "prior/prior_config.json", "prior/metrics.json", "samples/grid.png",
+                 "prior/config.json", "prior/metrics.json", "samples/grid.png",
                  "samples/metrics.json"]:
         assert (chain / name).is_file(), name
     assert len(list((chain / "samples" / "images").glob("*.png"))) == 8

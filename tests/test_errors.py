@@ -88,6 +88,6 @@ def test_missing_or_corrupt_tokenizer(tmp_path):
     (tmp_path / "tok" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         Tokenizer.from_pretrained(tmp_path / "tok")
-    (tmp_path / "tok" / "config.yaml").write_text("image_size: [oops\n")
+    (tmp_path / "tok" / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="corrupt"):
         Tokenizer.from_pretrained(tmp_path / "tok")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ def test_save_load_round_trip(tmp_path, quantizer):
     cfg = TokenizerConfig(32, 3, NetworkConfig(hidden_channels=32, residual_channels=8), QuantizerConfig(name=quantizer, codebook_size=32))
     model = Tokenizer(cfg).eval()
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "config.yaml").read_text().startswith("image_size: 32")
+    assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 32
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "README.md"}
     loaded = Tokenizer.from_pretrained(tmp_path)
     x = torch.rand(3, 3, 32, 32)
     codes = model.encode(x)

@@ -243,8 +243,8 @@ def test_save_load_round_trip(tmp_path, arch):
     prior = CodePrior(tiny_config(arch)).eval()
     prior.save_pretrained(tmp_path / "prior")
     files = {p.name for p in (tmp_path / "prior").iterdir()}
-    assert {"model.safetensors", "config.json", "prior_config.json"} <= files
-    assert json.loads((tmp_path / "prior" / "prior_config.json").read_text())["architecture"] == arch
+    assert files == {"model.safetensors", "config.json", "README.md"}  # one config file: the PriorConfig
+    assert json.loads((tmp_path / "prior" / "config.json").read_text())["architecture"] == arch
     loaded = CodePrior.from_pretrained(tmp_path / "prior")
     assert loaded.config == prior.config
     codes, labels = fixed_codes(), torch.arange(C)
@@ -256,7 +256,7 @@ def test_save_load_round_trip(tmp_path, arch):
 
 def test_missing_or_corrupt_checkpoints(tmp_path):
     prior = CodePrior(tiny_config())
-    with pytest.raises(CheckpointError, match="prior_config.json missing"):
+    with pytest.raises(CheckpointError, match="no such folder.*make prior"):
         CodePrior.from_pretrained(tmp_path / "nowhere")
 
     def fresh(name):
@@ -272,31 +272,31 @@ def test_missing_or_corrupt_checkpoints(tmp_path):
 
     path = fresh("no_weights")
     (path / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="model.safetensors missing"):
         CodePrior.from_pretrained(path)
 
     path = fresh("bad_json")
-    (path / "prior_config.json").write_text("{not json")
+    (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         CodePrior.from_pretrained(path)
 
     path = fresh("bad_value")
-    values = json.loads((path / "prior_config.json").read_text())
+    values = json.loads((path / "config.json").read_text())
     values["num_heads"] = 5
-    (path / "prior_config.json").write_text(json.dumps(values))
+    (path / "config.json").write_text(json.dumps(values))
     with pytest.raises(CheckpointError, match="num_heads"):
         CodePrior.from_pretrained(path)
 
     path = fresh("mismatch")  # weights of another shape under a valid config
-    values = json.loads((path / "prior_config.json").read_text())
+    values = json.loads((path / "config.json").read_text())
     values["codebook_size"] = K * 2
-    (path / "prior_config.json").write_text(json.dumps(values))
-    with pytest.raises(CheckpointError, match="do not belong together|do not match"):
+    (path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match="do not match its config"):
         CodePrior.from_pretrained(path)
 
-    path = fresh("no_hf_config")
+    path = fresh("no_config")
     (path / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match="config.json missing"):
         CodePrior.from_pretrained(path)
 
 

@@ -39,7 +39,7 @@ def trained_run(tmp_path_factory, data_root):
 
 def test_training_writes_every_artifact_and_learns(trained_run, data_root):
     out = trained_run
-    for name in ["model.safetensors", "config.yaml", "metrics.json", "reconstructions.png", "codebook_usage.png",
+    for name in ["model.safetensors", "config.json", "metrics.json", "reconstructions.png", "codebook_usage.png",
                  "job_config.yaml", "best/model.safetensors", "checkpoints/latest"]:
         assert (out / name).is_file(), name
     assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"

@@ -21,13 +21,10 @@ class QuantizerConfig:
     weights: Literal["learned", "uniform"] = "learned"
     form: Literal["per_position", "global"] = "per_position"
     init: Literal["uniform", "reference"] = "uniform"
-    # vqwae transport: "exact" (default: shortest paths over the latents), "dense" (exact, POT's network
-    # simplex), "sinkhorn" (entropic, relative epsilon), "auto" per device
-    solver: Literal["exact", "dense", "sinkhorn", "auto"] = "exact"
-    epsilon: float = 0.01  # sinkhorn only, relative to the cost's scale (see stage1_tokenizer/transport.py)
+    # vqwae transport: "exact" (default: shortest paths over the latents), "dense" (exact, POT's network simplex)
+    solver: Literal["exact", "dense"] = "exact"
     # several processes: "local" solves each process's batch, "global_batch" the latents gathered from all processes
     transport_scope: Literal["local", "global_batch"] = "local"
-    overlap: Literal["auto", "on", "off"] = "auto"  # exact host solve in the background during the decoder; auto: off on CPU
     # vqvae
     beta_on_codebook: bool = False  # the VQ-WAE authors' baseline: beta on the codebook term, not the commitment
 
@@ -38,8 +35,6 @@ class QuantizerConfig:
             raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
         if self.kl_weight < 0:
             raise ConfigError(f"quantizer.kl_weight must be >= 0, got {self.kl_weight}")
-        if not self.epsilon > 0:
-            raise ConfigError(f"quantizer.epsilon must be positive, got {self.epsilon}")
 
     @property
     def resolved_beta(self) -> float:
@@ -62,8 +57,6 @@ def build_quantizer(cfg: QuantizerConfig, embedding_dim: int, num_positions: int
         init=cfg.init,
         solver=cfg.solver,
         transport_scope=cfg.transport_scope,
-        epsilon=cfg.epsilon,
-        overlap=cfg.overlap,
     )
 
 

@@ -35,6 +35,14 @@ def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return perplexity(torch.bincount(indices.reshape(-1), minlength=codebook_size))
 
 
+def check_code_indices(indices: torch.Tensor, codebook_size: int) -> None:
+    """Reject code indices outside [0, codebook_size): indexing would fail obscurely or, for an implicit grid, decode garbage."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise ValueError(
+            f"code indices must lie in [0, {codebook_size}), got range [{int(indices.min())}, {int(indices.max())}]"
+        )
+
+
 class Quantizer(nn.Module):
     def __init__(self, codebook_size: int, embedding_dim: int):
         super().__init__()
@@ -57,10 +65,7 @@ class Quantizer(nn.Module):
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> codeword grid (B, D, H, W)."""
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(
-                f"code indices must lie in [0, {self.codebook_size}), got range [{int(indices.min())}, {int(indices.max())}]"
-            )
+        check_code_indices(indices, self.codebook_size)
         return self.codebook.float()[indices].permute(0, 3, 1, 2).contiguous()
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

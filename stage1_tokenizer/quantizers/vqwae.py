@@ -14,26 +14,17 @@ Several processes (``transport_scope``):
   per-process loss values) equal those of the single-process loss on the concatenated batch. With fewer positions
   than processes (the global form) every process solves all of them and no scaling is needed. Only in training
   mode with gradients on; evaluation stays local. Every process must hold the same number of latents.
-
-Overlap (``overlap``): with the exact solver the host solve runs in background threads while the decoder runs; the
-"wasserstein" loss is only waited for when the caller reads the losses (Tokenizer.forward does so after the decoder).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..transport import (
-    EXACT_SOLVERS,
-    SinkhornState,
-    resolve_solver,
-    start_wasserstein_loss,
-)
+from ..transport import wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
 
 
@@ -62,8 +53,6 @@ class VQWAEQuantizer(Quantizer):
         init: str = "uniform",
         solver: str = "exact",
         transport_scope: str = "local",
-        epsilon: float = 0.01,
-        overlap: str = "auto",
     ):
         super().__init__(codebook_size, embedding_dim)
         self.num_positions = num_positions
@@ -72,10 +61,6 @@ class VQWAEQuantizer(Quantizer):
         self.global_transport = global_transport
         self.solver = solver
         self.transport_scope = transport_scope
-        self.epsilon = epsilon
-        self.overlap = overlap
-        # Sinkhorn warm start: not saved with the weights (a resumed run restarts it cold).
-        self.sinkhorn_state = SinkhornState()
         rows = 1 if global_transport else num_positions
         logits = reference_logits(rows, codebook_size) if init == "reference" else torch.zeros(rows, codebook_size)
         if learn_weights:
@@ -122,47 +107,16 @@ class VQWAEQuantizer(Quantizer):
         if self.global_transport:
             latents = latents.reshape(1, h * w * b, d)
         latents, ot_weights, scale = self._gather(latents, weights)
-        solver = resolve_solver(self.solver, z.device)
-        background = solver in EXACT_SOLVERS and (
-            self.overlap == "on" or (self.overlap == "auto" and z.device.type != "cpu")
-        )
-        pending = start_wasserstein_loss(
-            latents, self.codebook.float(), ot_weights, solver=solver, epsilon=self.epsilon,
-            state=self.sinkhorn_state, background=background,
-        )
-        coefficient = self.beta * scale
-        losses = _PendingLosses({}, "wasserstein", lambda: coefficient * pending.result())
         stats = {"perplexity": code_perplexity(indices, self.codebook_size).detach()}
+        extra = {}
         if self.learn_weights:
             kl = (weights * (torch.log(weights.clamp_min(1e-30)) + math.log(self.codebook_size))).sum()
-            losses.ready["kl"] = self.kl_weight * kl / self.codebook_size
+            extra["kl"] = self.kl_weight * kl / self.codebook_size
             stats["pi_perplexity"] = perplexity(weights.detach()).mean()
+        # The transport term's graph after the KL term's: autograd then sums the weights' gradient in the same order
+        # as before (bit-identical training).
+        transport = wasserstein_loss(latents, self.codebook.float(), ot_weights, solver=self.solver)
+        losses = {"wasserstein": self.beta * scale * transport, **extra}
         quantized = z + (codewords - z).detach()
         return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)
 
-
-class _PendingLosses(Mapping):
-    """The losses, one of them possibly still being solved: reading any value (or `**losses`) waits for it.
-
-    Keeps "wasserstein" first, as before."""
-
-    def __init__(self, ready: dict, key: str, wait):
-        self.ready, self._key, self._wait, self._value = ready, key, wait, None
-
-    def _resolved(self) -> dict:
-        if self._value is None:
-            self._value = self._wait()
-            self._wait = None
-        return {self._key: self._value, **self.ready}
-
-    def __getitem__(self, key):
-        return self._resolved()[key]
-
-    def __iter__(self):
-        return iter([self._key, *self.ready])
-
-    def __len__(self):
-        return 1 + len(self.ready)
-
-    def __repr__(self):
-        return repr(self._resolved())
