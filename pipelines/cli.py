@@ -4,24 +4,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from configio.errors import ConfigError, UserError
-
-
-def pick_device(name: str | None):
-    """The torch device a job runs on: `name` when given (checked), else an accelerator when present, else the CPU."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"device={name!r} is not a device torch knows ({' '.join(str(err).split())}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} requested but CUDA is not available; use device=cpu")
-    if device.type not in ("cpu", "cuda") and not (hasattr(torch, "accelerator") and torch.accelerator.is_available()):
-        raise ConfigError(f"device={name} is not available on this machine; use device=cpu")
-    return device
+from configio.errors import UserError
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -188,11 +188,12 @@ class ModelRun:
         return {"prior": read_json(self.prior / "metrics.json"), "samples": read_json(self.samples / "metrics.json")}
 
     def class_rows(self, per_class: int = 8) -> torch.Tensor | None:
-        """The first `per_class` samples of each class as (classes, per_class, C, H, W); samples cycle through classes."""
+        """Up to `per_class` samples of each class as (classes, n, C, H, W); sample i has class i % classes."""
         metrics = read_json(self.samples / "metrics.json") or {}
         files = sorted((self.samples / "images").glob("*.png"))
-        classes = int(metrics.get("num_classes") or 1)
-        if len(files) < classes * per_class:
+        classes = max(1, int(metrics.get("num_classes") or 1))
+        per_class = min(per_class, len(files) // classes)
+        if per_class < 1:
             return None
         rows = [[files[c + classes * j] for j in range(per_class)] for c in range(classes)]
         load = lambda path: torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1) / 255.0

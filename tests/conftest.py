@@ -18,3 +18,10 @@ def data_root(tmp_path_factory) -> Path:
     if not FASHION_DEB.is_dir():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (make setup installs it when it may)")
     return tmp_path_factory.mktemp("data")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/end_to_end/ runs whole jobs: it belongs to the slow set (`make test-fast` skips it)."""
+    for item in items:
+        if "end_to_end" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

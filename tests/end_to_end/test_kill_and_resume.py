@@ -12,13 +12,12 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, write_code_set
 from safetensors.torch import load_file
 
-from helpers import ROOT, write_code_set
 from stage1_tokenizer.model import Tokenizer
 from stage2_prior.model import CodePrior
 

@@ -1,25 +1,16 @@
-import math
 
 import ot
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.codebook import code_histogram, codebook_statistics
-from stage1_tokenizer.quantizers import QuantizerConfig, VQVAEQuantizer, VQWAEQuantizer, build_quantizer, code_perplexity
+from stage1_tokenizer.quantizers import (
+    QuantizerConfig,
+    VQVAEQuantizer,
+    VQWAEQuantizer,
+    build_quantizer,
+)
 from stage1_tokenizer.quantizers.vqwae import reference_logits
-
-
-def test_perplexity_and_usage_on_hand_made_indices():
-    assert code_perplexity(torch.tensor([3, 3, 3, 3]), 8).item() == pytest.approx(1.0)
-    assert code_perplexity(torch.arange(8), 8).item() == pytest.approx(8.0)
-    assert code_perplexity(torch.tensor([0, 0, 1, 1]), 8).item() == pytest.approx(2.0)
-    stats = codebook_statistics(code_histogram(torch.tensor([[0, 0], [1, 5]]), 8))
-    probs = torch.tensor([0.5, 0.25, 0.25])
-    assert stats["perplexity"] == pytest.approx(math.exp(-(probs * probs.log()).sum().item()))
-    assert stats["usage"] == pytest.approx(3 / 8) and stats["dead_codes"] == 5 and stats["codebook_size"] == 8
-    with pytest.raises(ValueError):
-        codebook_statistics(torch.zeros(4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("quantizer", ["vqvae", "vqwae"])

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import job, one_line_error
 
 from pipelines.datasets import DataConfig, build_splits
 from pipelines.runs import load_codes
 from stage1_tokenizer.model import Tokenizer
-from helpers import job, one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
                   "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
 PRIOR_ARGS = ["prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2", "train.batch_size=16",

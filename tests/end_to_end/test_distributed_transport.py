@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from stage1_tokenizer.quantizers import VQWAEQuantizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD, B, D, SIDE, K = 2, 6, 4, 3, 16  # 9 positions: an uneven split between the two processes
 
 

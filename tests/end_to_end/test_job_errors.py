@@ -10,7 +10,7 @@ from PIL import Image
 from configio.errors import CheckpointError
 from stage1_tokenizer.model import Tokenizer, TokenizerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["network.hidden_channels=16", "network.residual_channels=4", "quantizer.codebook_size=16",
         "train.batch_size=4", "train.max_steps=2", "train.eval_every=2", "train.eval_batch_size=8"]
 

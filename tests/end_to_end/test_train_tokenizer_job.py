@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from stage1_tokenizer.model import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "data.limit=256", "train.batch_size=16", "quantizer.codebook_size=64", "network.hidden_channels=32",
     "network.residual_channels=8", "train.eval_images=64", "train.eval_batch_size=64", "train.log_every=2",

@@ -1,8 +1,8 @@
 import pytest
 
-from configio.errors import ConfigError
 from configio.config import load_config
-from pipelines.train_tokenizer import TokenizerJobConfig
+from configio.errors import ConfigError
+from pipelines.settings import TokenizerJobConfig
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipelines import datasets as D  # noqa: E402
-from configio.errors import ConfigError
 from configio.config import from_dict  # noqa: E402
+from configio.errors import ConfigError
+from pipelines import datasets as D  # noqa: E402
 from pipelines.datasets import DataConfig, DatasetError, build_splits, dataset_info  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fashion_source() -> Path | None:

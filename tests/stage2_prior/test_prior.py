@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from configio.errors import ConfigError
 from configio.config import from_dict
-from configio.errors import CheckpointError
+from configio.errors import CheckpointError, ConfigError
 from stage2_prior import CodePrior, PriorConfig, filter_logits, sample_codes
 
 K, L, C = 32, 16, 8
