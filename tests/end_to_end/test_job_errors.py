@@ -91,3 +91,26 @@ def test_missing_or_corrupt_tokenizer(tmp_path):
     (tmp_path / "tok" / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="corrupt"):
         Tokenizer.from_pretrained(tmp_path / "tok")
+
+
+def test_failed_test_evaluation_leaves_no_finished_looking_export(tmp_path):
+    """A truncated JPEG that only the test split holds passes the header check and breaks the final evaluation: the
+    job must end in one line with neither the export (the make target) nor metrics.json written, on every re-run."""
+    import torch
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    n = 24
+    for i in range(n):
+        Image.new("RGB", (32, 32), (i * 10, 50, 0)).save(folder / f"{i:02d}.jpg", quality=95)
+    # The folder split's own rule (test first, seed 0): truncate a file that lands in the test split.
+    first_test = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[0]
+    path = folder / f"{first_test:02d}.jpg"
+    path.write_bytes(path.read_bytes()[:400])
+    out = tmp_path / "out"
+    args = ["--output", str(out), "data.name=folder", f"data.path={folder}", f"data.root={tmp_path}", *TINY,
+            "train.resume=latest"]
+    for _ in range(2):
+        proc = run(*args)
+        assert_one_line_error(proc, path.name)
+        assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
