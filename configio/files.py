@@ -77,14 +77,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, write) -> None:
+    """`write(tmp_path)` fills a hidden temporary beside `path`, which is then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         publish_mode(Path(tmp))
         os.replace(tmp, path)
@@ -92,6 +93,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -103,36 +108,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        publish_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def read_stored_mapping(path: Path, what: str, missing_hint: str) -> dict[str, Any]:
-    """A config stored beside weights (.json or .yaml), as a dict; anything else is a CheckpointError."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no {what} at '{path.parent}' ({path.name} missing); {missing_hint}")
-    fmt = "JSON" if path.suffix == ".json" else "YAML"
-    try:
-        text = path.read_text()
-        values = json.loads(text) if fmt == "JSON" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError):
-        raise CheckpointError(f"{what} config '{path}' is corrupt (not valid {fmt})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{what} config '{path}' is corrupt (not a mapping)")
-    return values
+    _write_atomically(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                                  metadata=metadata))
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -123,10 +123,11 @@ def training_is_finished(folder: Path, settings: dict[str, Any], max_steps: int)
     metrics = read_json(folder / "metrics.json")
     if not (folder / WEIGHTS_NAME).is_file() or not metrics or metrics.get("steps") != max_steps:
         return False
-    saved = read_job_config(folder)
-    saved.get("train", {}).pop("resume", None)  # how a run was started is not what it learned
-    current = json.loads(json.dumps(settings))
-    current.get("train", {}).pop("resume", None)
+    saved, current = read_job_config(folder), json.loads(json.dumps(settings))
+    for values in (saved, current):
+        # How a run was started and where its codes sat are not what it learned (the codes' tokenizer sha is).
+        values.get("train", {}).pop("resume", None)
+        values.get("codes", {}).pop("dir", None)
     return saved == current
 
 

@@ -40,3 +40,13 @@ def write_code_set(folder, num_train=64, num_eval=32, codebook_size=16, side=4, 
                     "num_classes": str(num_classes), "split": split, "order": "raster"}
         save_file({"codes": codes, "labels": labels}, str(folder / f"{split}.safetensors"), metadata=metadata)
     return folder
+
+
+def real_images(data_root, n=12):
+    """The first n Fashion-MNIST test images of a 48-image-per-split subset, (n, 1, 32, 32) in [0, 1]."""
+    import torch
+
+    from pipelines.datasets import DataConfig, build_splits
+
+    test = build_splits(DataConfig(root=str(data_root), limit=48), seed=0)["test"]
+    return torch.stack([test[i][0] for i in range(n)])

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import job, one_line_error
+from helpers import job, one_line_error, real_images
 from PIL import Image
 
 from eval.image_metrics import psnr_per_image
@@ -16,10 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.limit=48", "train.batch_size=16", "quantizer.codebook_size=16", "network.hidden_channels=8",
         "network.residual_channels=4", "train.max_steps=3", "train.eval_every=3", "train.eval_batch_size=48"]
 
-
-def real_images(data_root, n=12):
-    test = build_splits(DataConfig(root=str(data_root), limit=48), seed=0)["test"]
-    return torch.stack([test[i][0] for i in range(n)])
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import real_images
 from numpy.lib.stride_tricks import sliding_window_view
 
 from configio.files import file_sha256
 from eval import lpips_metric
 from eval.image_metrics import psnr_per_image, ssim_per_image
-from pipelines.datasets import DataConfig, build_splits
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ["data.limit=48", "train.batch_size=16", "quantizer.codebook_size=16", "network.hidden_channels=8",
-        "network.residual_channels=4", "train.max_steps=3", "train.eval_every=3", "train.eval_batch_size=48"]
-
-
-def real_images(data_root, n=12):
-    test = build_splits(DataConfig(root=str(data_root), limit=48), seed=0)["test"]
-    return torch.stack([test[i][0] for i in range(n)])
-
 
 # ---------------------------------------------------------------------------------------------- independent references
 

@@ -1,11 +1,10 @@
 """Every value a user can type that used to end in a traceback now ends in one line (`error: ...`, exit 2), before
 any output is written. The jobs' main() run in-process under the same run_cli the command line uses."""
 import pytest
+from helpers import write_code_set
 
 from pipelines import sample, train_prior, train_tokenizer
 from pipelines.cli import run_cli
-
-from helpers import write_code_set
 
 
 def one_line_error(main, argv, capsys, fragment):
