@@ -63,7 +63,9 @@ class Tokenizer(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "ima
         cfg = from_dict(TokenizerConfig, to_dict(config) if dataclasses.is_dataclass(config) else dict(config))
         self.config = cfg
         self.encoder = Encoder(cfg.network, cfg.channels)
-        self.quantizer = build_quantizer(cfg.quantizer, cfg.network.embedding_dim, cfg.num_positions)
+        self.quantizer = build_quantizer(
+            cfg.quantizer, cfg.network.embedding_dim, cfg.num_positions, data_dim=cfg.channels * cfg.image_size**2
+        )
         self.decoder = Decoder(cfg.network, cfg.channels)
 
     @property
@@ -81,7 +83,8 @@ class Tokenizer(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "ima
         with torch.autocast(device_type=x.device.type, enabled=False):
             q = self.quantizer(z.float())
         reconstruction = self.decoder(q.quantized)
-        losses = {"reconstruction": F.mse_loss(reconstruction.float(), x.float()), **q.losses}
+        mse = F.mse_loss(reconstruction.float(), x.float())
+        losses = {"reconstruction": mse, **self.quantizer.losses_given_reconstruction(q.losses, mse)}
         return TokenizerOutput(reconstruction, q.indices, losses, q.stats)
 
     @torch.no_grad()

@@ -43,7 +43,29 @@ def check_code_indices(indices: torch.Tensor, codebook_size: int) -> None:
         )
 
 
-class Quantizer(nn.Module):
+def squared_distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(N, K) squared Euclidean distances between the rows of `flat` (N, D) and of `codebook` (K, D)."""
+    return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None, :]
+
+
+def nearest_codewords(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of `codebook` (K, D) for each row of `flat` (N, D)."""
+    return squared_distances(flat, codebook).argmin(dim=1)
+
+
+class QuantizerInterface(nn.Module):
+    """What the Tokenizer calls: forward(z), quantize(z), lookup(indices), codebook_size, and this hook."""
+
+    codebook_size: int
+
+    def losses_given_reconstruction(self, losses: dict[str, torch.Tensor], mse: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The losses once the reconstruction error of the batch is known (a likelihood-weighted quantizer rescales)."""
+        return losses
+
+
+class Quantizer(QuantizerInterface):
+    """A quantizer with an explicit codebook parameter and nearest-codeword lookup."""
+
     def __init__(self, codebook_size: int, embedding_dim: int):
         super().__init__()
         self.codebook_size = codebook_size
@@ -57,11 +79,7 @@ class Quantizer(nn.Module):
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codeword (squared Euclidean) for each row of `flat` (N, D)."""
-        codebook = self.codebook.float()
-        distances = (
-            flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None, :]
-        )
-        return distances.argmin(dim=1)
+        return nearest_codewords(flat, self.codebook.float())
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> codeword grid (B, D, H, W)."""
