@@ -9,8 +9,11 @@ optimizer state, exported model and metrics. After every kill, nothing that look
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -43,7 +46,26 @@ def command(job, out, data_root, codes):
 
 def start(cmd):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def run_and_kill(cmd, target_step, delay):
+    """Start the job and SIGKILL it `delay` seconds after its progress bar reaches `target_step` (or shows a later
+    step). Returns (killed, stderr); a job that ends first is not killed."""
+    proc = start(cmd)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    while proc.poll() is None:
+        steps = [int(m) for m in re.findall(rf"(\d+)/{STEPS}\b", b"".join(chunks).decode(errors="replace"))]
+        if steps and max(steps) >= target_step:
+            time.sleep(delay)
+            proc.kill()
+            break
+        time.sleep(0.005)
+    killed = proc.wait(timeout=300) == -signal.SIGKILL
+    reader.join()
+    return killed, b"".join(chunks).decode(errors="replace")
 
 
 def check_nothing_partial(out, model_cls):
@@ -73,27 +95,21 @@ def test_killed_at_random_moments_resumes_bit_identical(job, tmp_path, data_root
     codes = write_code_set(tmp_path / "codes") if job == "prior" else None
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
 
-    started = time.perf_counter()
     proc = start(command(job, reference, data_root, codes))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    seconds = time.perf_counter() - started
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
 
+    # Kills land at random steps (up to the last, so also during the final evaluation and export), each a random
+    # fraction of a second after the step shows, so some fall inside checkpoint writes and evaluations.
     rng = random.Random(f"{job}-kills")
+    targets = sorted(rng.sample(range(1, STEPS + 1), 5)) + [STEPS]
     kills = 0
-    while True:
-        proc = start(command(job, interrupted, data_root, codes))
-        if kills < 6:
-            try:
-                proc.wait(timeout=rng.uniform(0.3, 1.0) * seconds)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                kills += 1
-                check_nothing_partial(interrupted, model_cls)
-                continue
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-        break
-    assert kills >= 3, f"only {kills} kills landed before the run finished"
+    for target in targets:
+        killed, _ = run_and_kill(command(job, interrupted, data_root, codes), target, rng.uniform(0.0, 0.4))
+        kills += killed
+        check_nothing_partial(interrupted, model_cls)
+    proc = start(command(job, interrupted, data_root, codes))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    assert kills >= 4, f"only {kills} kills landed before the run finished"
     assert not list(interrupted.rglob(".*.tmp")), "temporaries of killed writers were left behind"
 
     final = f"checkpoints/step_{STEPS:07d}"
