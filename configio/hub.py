@@ -54,7 +54,8 @@ class HubModel(PyTorchModelHubMixin):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if push:
-            self.push_to_hub(**{k: v for k, v in kwargs.items() if k != "config"})
+            repo_id = kwargs.pop("repo_id", None) or final.name
+            self.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k not in ("config", "model_card_kwargs")})
 
     @classmethod
     def from_pretrained(cls: type[T], pretrained_model_name_or_path: str | Path, **kwargs: Any) -> T:
