@@ -30,22 +30,31 @@ from stage1_tokenizer.quantizers import VQWAEQuantizer
 from stage1_tokenizer.quantizers.base import perplexity
 
 
-def logit_gradients(tokenizer: Tokenizer, images: torch.Tensor) -> dict[str, float]:
-    """Gradients of the two weighted terms of the loss with respect to the pi logits, on one batch."""
+def logit_gradients(tokenizer: Tokenizer, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Gradients of the two weighted loss terms with respect to the pi logits.
+
+    The Wasserstein term's gradient changes from batch to batch; what moves pi over many steps is its mean, so both
+    are reported: the mean over `batches` of the per-batch norms, and the norm of the mean gradient. The KL term's
+    gradient depends on pi only.
+    """
     quantizer = tokenizer.quantizer
     tokenizer.train()
-    out = tokenizer(images)
-    grads = {}
-    for term in ("wasserstein", "kl"):
-        (grad,) = torch.autograd.grad(out.losses[term], quantizer.logits, retain_graph=True)
-        grads[term] = grad
+    per_batch, kl = [], None
+    for images in batches:
+        out = tokenizer(images)
+        (w,) = torch.autograd.grad(out.losses["wasserstein"], quantizer.logits, retain_graph=True)
+        (kl,) = torch.autograd.grad(out.losses["kl"], quantizer.logits)
+        per_batch.append(w)
     tokenizer.eval()
-    w, k = grads["wasserstein"], grads["kl"]
+    mean_w = torch.stack(per_batch).mean(0)
+    kl_norm = float(kl.norm())
     return {
-        "wasserstein_grad_norm": float(w.norm()),
-        "kl_grad_norm": float(k.norm()),
-        "ratio_wasserstein_to_kl": float(w.norm() / k.norm()) if float(k.norm()) > 0 else float("inf"),
-        "share_of_logits_where_wasserstein_dominates": float((w.abs() > k.abs()).float().mean()),
+        "wasserstein_grad_norm_per_batch": float(torch.stack([g.norm() for g in per_batch]).mean()),
+        "wasserstein_grad_norm_of_mean": float(mean_w.norm()),
+        "kl_grad_norm": kl_norm,
+        "ratio_mean_wasserstein_to_kl": float(mean_w.norm()) / kl_norm if kl_norm > 0 else float("inf"),
+        "share_of_logits_where_wasserstein_dominates": float((mean_w.abs() > kl.abs()).float().mean()),
+        "cosine_mean_wasserstein_vs_kl": float(torch.nn.functional.cosine_similarity(mean_w.flatten(), kl.flatten(), dim=0)),
     }
 
 
@@ -85,7 +94,7 @@ def study(run: Path, batch: int) -> dict[str, Any]:
     if not isinstance(tokenizer.quantizer, VQWAEQuantizer) or not tokenizer.quantizer.learn_weights:
         raise SystemExit(f"{run}: not a VQ-WAE tokenizer with learned pi")
     train = build_splits(tokenizer_data_config(tokenizer_dir), seed=job_seed(tokenizer_dir))["train"]
-    images = torch.stack([train[i][0] for i in range(batch)])
+    batches = [torch.stack([train[i][0] for i in range(start, start + batch)]) for start in range(0, 8 * batch, batch)]
     torch.manual_seed(0)
     fresh = Tokenizer(tokenizer.config)
     metrics = json.loads((tokenizer_dir / "metrics.json").read_text())
@@ -98,8 +107,8 @@ def study(run: Path, batch: int) -> dict[str, Any]:
         "kl_weight": q.kl_weight,
         "beta": q.resolved_beta,
         "steps": metrics.get("steps"),
-        "gradients_trained": logit_gradients(tokenizer, images),
-        "gradients_at_init": logit_gradients(fresh, images),
+        "gradients_trained": logit_gradients(tokenizer, batches),
+        "gradients_at_init": logit_gradients(fresh, batches),
         **pi_summary(tokenizer.quantizer),
         "pi_perplexity_over_training": pi_perplexity_over_training(tokenizer_dir / "logs"),
         "test_perplexity": metrics.get("perplexity"),
@@ -116,21 +125,23 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
     lines = [
         "# What pi does",
         "",
-        f"Gradients on one batch of {batch} training images. W = beta * sum_m W(pi^m, latents), KL = kl_weight * "
-        "sum_m KL(pi^m || uniform) / K.",
+        f"Gradients with respect to the pi logits over 8 batches of {batch} training images, for the trained model. "
+        "W = beta * sum_m W(pi^m, latents), KL = kl_weight * sum_m KL(pi^m || uniform) / K. |W| per batch is the "
+        "mean of the per-batch norms; |mean W| the norm of the mean gradient (what moves pi over many steps); cos the "
+        "cosine between the mean W gradient and the KL gradient (-1: they cancel).",
         "",
-        "| kl_weight | pi perplexity mean (min-max) | max / min pi x K | |grad W| / |grad KL| trained (init) | "
-        "logits where W dominates | test perplexity | usage | PSNR | rFID |",
+        "| kl_weight | pi perplexity mean (min-max) | max / min pi x K | abs W per batch / abs mean W / abs KL | cos | "
+        "test perplexity | usage | PSNR | rFID |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "n/a"
     for r in rows:
-        g, g0 = r["gradients_trained"], r["gradients_at_init"]
+        g = r["gradients_trained"]
         lines.append(
             f"| {r['kl_weight']:g} | {r['pi_perplexity_mean']:.1f} ({r['pi_perplexity_min']:.1f}-{r['pi_perplexity_max']:.1f}) | "
             f"{r['pi_max_ratio_to_uniform']:.2f} / {r['pi_min_ratio_to_uniform']:.3f} | "
-            f"{fmt(g['ratio_wasserstein_to_kl'], '.3g')} ({fmt(g0['ratio_wasserstein_to_kl'], '.3g')}) | "
-            f"{100 * g['share_of_logits_where_wasserstein_dominates']:.0f}% | {fmt(r['test_perplexity'], '.1f')} | "
+            f"{g['wasserstein_grad_norm_per_batch']:.2e} / {g['wasserstein_grad_norm_of_mean']:.2e} / {g['kl_grad_norm']:.2e} | "
+            f"{g['cosine_mean_wasserstein_vs_kl']:.2f} | {fmt(r['test_perplexity'], '.1f')} | "
             f"{fmt(100 * r['test_usage'] if r['test_usage'] is not None else None, '.1f')}% | {fmt(r['test_psnr'], '.2f')} | "
             f"{fmt(r['rfid'], '.2f')} |"
         )
