@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -64,6 +65,7 @@ import torch
 
 from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
+from configio.files import atomic_write_bytes
 
 __all__ = [
     "FIDError",
@@ -696,15 +698,9 @@ def reference_statistics(name: str, split: str, resolution: int, images_fn: Call
     for m in small_sample_warnings({f"reference {name}/{split}": len(feats)}):
         warnings.warn(m, stacklevel=2)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=fname, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(len(feats)),
-                     **{f"key_{k}": np.str_(v) for k, v in keys.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma, num_images=np.int64(len(feats)), **{f"key_{k}": np.str_(v) for k, v in keys.items()})
+    atomic_write_bytes(path, buffer.getvalue())
     info = {"num_images": int(len(feats)), "path": str(path), "cached": False}
     return (mu, sigma, info) if return_info else (mu, sigma)
 
