@@ -79,7 +79,9 @@ clean-run:
 #   make eval    [RUN=runs/name] [EVAL_ARGS="num_images=2000 protocol=paper ..."]
 #   make compare [CONFIG=configs/x.yaml] [ARGS="models=[vqvae,vqwae] train.max_steps=2000 prior.train.max_steps=500
 #                 sample.num_samples=1000 eval.num_images=1000 ..."]   (PRIOR_CONFIG is the prior every model gets)
+#                [COMPARE_RUN=runs/compare-other]   (default: runs/compare-<config name>)
 EVAL_ARGS ?=
+COMPARE_RUN ?= runs/compare-$(basename $(notdir $(CONFIG)))
 
 .PHONY: eval compare
 
@@ -87,7 +89,7 @@ eval: $(VENV)/.installed
 	$(PY) -m pipelines.evaluate --run $(RUN) $(EVAL_ARGS)
 
 compare: $(VENV)/.installed
-	$(PY) -m pipelines.compare --config $(CONFIG) --prior-config $(PRIOR_CONFIG) --output runs/compare-$(basename $(notdir $(CONFIG))) $(ARGS)
+	$(PY) -m pipelines.compare --config $(CONFIG) --prior-config $(PRIOR_CONFIG) --output $(COMPARE_RUN) $(ARGS)
 
 # --- benchmarks (issue 5) ---
 .PHONY: bench

@@ -3,10 +3,10 @@
     python -m benchmarks.pi_study --runs runs/default runs/pi-kl0 runs/pi-kl0.01 runs/pi-kl0.1 --output runs/pi-study
 
 Each run is a run folder whose tokenizer is VQ-WAE with learned pi (`make tokenizer RUN=... ARGS="quantizer.kl_weight=..."`,
-evaluated with `make eval RUN=... EVAL_ARGS="num_images=1000 fid=false"` for rFID). For each run, on one fixed batch
-of training images (and for the same model at its random initialisation): the gradient of the weighted Wasserstein
-term and of the weighted KL term with respect to the pi logits (L2 norm, and the share of logits where the
-Wasserstein term's gradient is the larger), the per-position pi perplexity at the end, pi perplexity over training
+evaluated with `make eval RUN=... EVAL_ARGS="num_images=1000 fid=false"` for rFID). For each run, on the first 8
+batches of the training split (for the trained model and for the same config at its random initialisation): the
+gradients of the weighted Wasserstein term and of the weighted KL term with respect to the pi logits (norms, their
+cosine, the share of logits where the Wasserstein term's is the larger), the per-position pi perplexity at the end, pi perplexity over training
 (from the TensorBoard log), and the test metrics the run's jobs wrote. Written to pi_study.json and pi_study.md.
 """
 from __future__ import annotations
