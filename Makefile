@@ -1,5 +1,5 @@
-# One-command jobs. Each creates .venv and installs the project when missing; each step is a file target, so
-# re-running redoes only what is out of date.
+# One-command jobs. Each creates .venv and installs the project when missing; each step's job redoes only what its
+# settings and inputs make out of date.
 #   make sample    [CONFIG=configs/x.yaml] [RUN=runs/name] [NUM_SAMPLES=1000] [SAMPLE_ARGS="temperature=0.9 ..."]
 #   make tokenizer [CONFIG=...] [RUN=...] [ARGS="key=value ..."]
 #   make codes | make prior [PRIOR_CONFIG=configs/prior.yaml] [PRIOR_ARGS="..."]
@@ -27,9 +27,7 @@ CODES := $(RUN)/codes
 PRIOR := $(RUN)/prior
 SAMPLES := $(RUN)/samples
 
-.PHONY: setup tokenizer codes prior sample test test-fast clean-run FORCE
-# A recipe that fails leaves no target behind (each job also writes its target last, atomically).
-.DELETE_ON_ERROR:
+.PHONY: setup tokenizer codes prior sample test test-fast clean-run
 
 setup: $(VENV)/.installed
 
@@ -37,33 +35,19 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) scripts/setup.sh $(VENV) "$(TORCH_SPEC)"
 	@touch $@
 
-# The settings a step was made with; rewritten only when they change, so a changed config or ARGS redoes the step.
-%/make_args.txt: FORCE
-	@mkdir -p $(@D)
-	@echo '$(STEP_ARGS)' | cmp -s - $@ || echo '$(STEP_ARGS)' > $@
+# Every step is its job, run each time: the job keeps the run-folder rule itself (pipelines/run_folder.py). The same
+# settings resume an interrupted step or do nothing; a raised train.max_steps continues training; any other change
+# starts the step over with its earlier result moved to <folder>.previous/<time>/.
+tokenizer: setup
+	$(PY) -m pipelines.train_tokenizer --config $(CONFIG) --output $(TOKENIZER) $(ARGS)
 
-$(TOKENIZER)/make_args.txt: STEP_ARGS = $(CONFIG) $(ARGS)
-$(PRIOR)/make_args.txt: STEP_ARGS = $(PRIOR_CONFIG) $(PRIOR_ARGS)
-$(SAMPLES)/make_args.txt: STEP_ARGS = $(NUM_SAMPLES) $(FID_REFERENCE) $(SAMPLE_ARGS)
-
-tokenizer: $(TOKENIZER)/model.safetensors
-
-$(TOKENIZER)/model.safetensors: $(VENV)/.installed $(CONFIG) $(TOKENIZER)/make_args.txt
-	$(PY) -m pipelines.train_tokenizer --config $(CONFIG) --output $(TOKENIZER) train.resume=latest $(ARGS)
-
-codes: $(CODES)/train.safetensors
-
-$(CODES)/train.safetensors: $(TOKENIZER)/model.safetensors
+codes: tokenizer
 	$(PY) -m pipelines.extract_codes --tokenizer $(TOKENIZER) --output $(CODES)
 
-prior: $(PRIOR)/model.safetensors
+prior: codes
+	$(PY) -m pipelines.train_prior --codes $(CODES) --output $(PRIOR) --config $(PRIOR_CONFIG) $(PRIOR_ARGS)
 
-$(PRIOR)/model.safetensors: $(CODES)/train.safetensors $(PRIOR_CONFIG) $(PRIOR)/make_args.txt
-	$(PY) -m pipelines.train_prior --codes $(CODES) --output $(PRIOR) --config $(PRIOR_CONFIG) train.resume=latest $(PRIOR_ARGS)
-
-sample: $(SAMPLES)/metrics.json
-
-$(SAMPLES)/metrics.json: $(PRIOR)/model.safetensors $(TOKENIZER)/model.safetensors $(SAMPLES)/make_args.txt
+sample: prior
 	$(PY) -m pipelines.sample --tokenizer $(TOKENIZER) --prior $(PRIOR) --output $(SAMPLES) num_samples=$(NUM_SAMPLES) fid_reference_images=$(FID_REFERENCE) $(SAMPLE_ARGS)
 
 test: $(VENV)/.installed

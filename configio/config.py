@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -17,6 +19,27 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+# Integers a setting may hold: what numpy's and torch's int64 take. Larger values are refused here rather than by an
+# overflow deep inside a job.
+INT_LIMIT = 2**63
+# A number written the way people write it ("3e-4", "1_000", "+2.5E3"): YAML 1.1 reads some of these as strings.
+_NUMBER = re.compile(r"[+-]?(\d(_?\d)*)?(\.\d*)?([eE][+-]?\d+)?")
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxlist, _short.maxdict, _short.maxstring, _short.maxother = 2, 4, 4, 60, 60
+
+
+def shown(value: Any) -> str:
+    """A bounded repr for messages: a YAML alias bomb or a huge list never gets expanded into an error line."""
+    return _short.repr(value)
+
+
+def _number_from_text(value: Any) -> Any:
+    if isinstance(value, str) and any(c.isdigit() for c in value) and _NUMBER.fullmatch(value.strip()):
+        try:
+            return float(value.strip().replace("_", ""))
+        except ValueError:
+            return value
+    return value
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -40,42 +63,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        if not isinstance(value, (str, int, float, bool, type(None))) or value not in allowed:
+            raise ConfigError(f"{key}: {shown(value)} is not one of {', '.join(repr(a) for a in allowed)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         (item_type, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of settings, got {shown(value)}")
         return from_dict(tp, value, prefix=f"{key}.")
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        value = _number_from_text(value)
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= INT_LIMIT:
+                raise ConfigError(f"{key}: {shown(value)} is too large (integer settings stop at 2**63)")
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = _number_from_text(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= INT_LIMIT:
+                raise ConfigError(f"{key}: {shown(value)} is too large for a number setting")
+            value = float(value)
+        if isinstance(value, float):
             if not math.isfinite(value):
-                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+                raise ConfigError(f"{key}: expected a finite number, got {shown(value)}")
+            return value
+        raise ConfigError(f"{key}: expected a number (such as 3e-4 or 0.001), got {shown(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shown(value)}")
     raise ConfigError(f"{key}: unsupported setting type {tp!r}")
 
 
@@ -97,7 +128,9 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys and bad values."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of settings, got {shown(values)}")
+    unknown = sorted(map(str, set(values) - set(fields)))
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(prefix + k for k in fields)}"
@@ -153,7 +186,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass CONFIG=configs/<name>.yaml")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (a binary file?); pass a YAML config") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -161,7 +196,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def load_values(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw settings of an optional YAML file with dotted overrides applied (what the user wrote, unchecked)."""
+    return apply_overrides(load_yaml(path) if path else {}, list(overrides or []))
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     """Load `cls` from an optional YAML file, then apply dotted overrides; validate everything."""
-    values = load_yaml(path) if path else {}
-    return from_dict(cls, apply_overrides(values, list(overrides or [])))
+    return from_dict(cls, load_values(path, overrides))

@@ -19,3 +19,15 @@ class CheckpointError(UserError, RuntimeError):
 
 class DatasetError(UserError, RuntimeError):
     """A data set that cannot be found, read or downloaded."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """Training produced a non-finite loss or non-finite latents: the run diverged, it is not misconfigured."""
+
+
+class FolderBusy(UserError, RuntimeError):
+    """Another job is writing into the same output folder."""
+
+
+class NonFiniteValues(ValueError):
+    """A computation met NaN or inf in its input (a library error; a training loop reports it as divergence)."""

@@ -13,8 +13,9 @@ the authors' VQ-VAE baseline); `quantizer.beta` left unset resolves to each quan
 For each model, under `<output>/<model>/`, the same steps as `make sample` (each a job in its own process, so every
 model starts from the same fresh interpreter and seed): tokenizer/ (train), eval/ (reconstruction metrics, rFID),
 codes/ (extract train/val/test), prior/ (same prior config, seed and step budget), samples/ (same count, settings and
-seed; FID against the same reference images). A finished step with the same settings is reused, an interrupted one
-resumes. The comparison: `table.md`, `table.json`, `codebook_usage.png` and `samples.png` (one row per class).
+seed; FID against the same reference images). Every step is its job under the run-folder rule (pipelines/run_folder.py): a
+finished step with the same settings does nothing, an interrupted one resumes, a changed one starts over with the
+old result set aside. The comparison: `table.md`, `table.json`, `codebook_usage.png` and `samples.png` (one row per class).
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ apply_job_environment()  # before torch loads; the jobs this one starts inherit 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +37,13 @@ from PIL import Image
 
 from configio.config import load_config, parse_override, to_dict
 from configio.errors import ConfigError
-from configio.files import atomic_write_json, atomic_write_text, file_sha256
+from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_sample_panels, save_usage_histograms
 from eval.report import PROTOCOL_TEXT
-from stage1_tokenizer.model import WEIGHTS_NAME
 from stage1_tokenizer.quantizers import QuantizerConfig
 
-from .cli import run_cli
-from .runs import read_job_config
+from .cli import JobArgumentParser, run_cli
+from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +66,8 @@ DESCRIPTIONS = {
     "sqvae": "SQ-VAE (Takida et al., 2022), Gaussian variant",
     "vqwae": "VQ-WAE (this paper)",
 }
+# What compare itself writes in its folder (the rest are the model folders, each step's own).
+COMPARE_OUTPUTS = ("table.md", "table.json", "codebook_usage.png", "samples.png")
 # Sections of the overrides that go to other jobs than the tokenizer's training.
 SECTIONS = ("eval", "prior", "sample")
 # The comparison's own default budget: 1,000 test images per reconstruction metric and rFID, and 1,000 samples
@@ -118,74 +119,33 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def training_is_finished(folder: Path, settings: dict[str, Any], max_steps: int) -> bool:
-    """A finished run of the same settings: exported weights, metrics at max_steps, and the same job config."""
-    metrics = read_json(folder / "metrics.json")
-    if not (folder / WEIGHTS_NAME).is_file() or not metrics or metrics.get("steps") != max_steps:
-        return False
-    saved, current = read_job_config(folder), json.loads(json.dumps(settings))
-    for values in (saved, current):
-        # How a run was started and where its codes sat are not what it learned (the codes' tokenizer sha is).
-        values.get("train", {}).pop("resume", None)
-        values.get("codes", {}).pop("dir", None)
-    return saved == current
-
-
-def stamp_matches(folder: Path, stamp: dict[str, Any]) -> bool:
-    return read_json(folder / "compare_stamp.json") == stamp
-
-
 class ModelRun:
-    """The steps of one model's chain under `<output>/<name>/`, each skipped when its result is current."""
+    """One model's chain under `<output>/<name>/`: each step is its job, which does nothing when its result is current
+    (the run-folder rule), resumes when interrupted, and starts over (old result set aside) when an input changed."""
 
-    def __init__(self, name: str, output: Path, args: argparse.Namespace, cfg: TokenizerJobConfig,
-                 train_overrides: list[str], sections: dict[str, list[str]]):
-        self.name, self.root, self.args, self.cfg = name, output / name, args, cfg
+    def __init__(self, name: str, output: Path, args: argparse.Namespace, train_overrides: list[str],
+                 sections: dict[str, list[str]]):
+        self.name, self.root, self.args = name, output / name, args
         self.train_overrides, self.sections = train_overrides, sections
         self.tokenizer, self.codes, self.prior, self.samples = (self.root / d for d in ("tokenizer", "codes", "prior", "samples"))
 
     def train_tokenizer(self) -> None:
-        if training_is_finished(self.tokenizer, to_dict(self.cfg), self.cfg.train.max_steps):
-            print(f"{self.name}: reusing the finished tokenizer in {self.tokenizer}")
-            return
         config = ["--config", str(self.args.config)] if self.args.config else []
-        run_job("pipelines.train_tokenizer", ["--output", str(self.tokenizer), *config, "train.resume=latest",
-                                              *self.train_overrides, *MODELS[self.name]], f"training {self.name}'s tokenizer")
+        run_job("pipelines.train_tokenizer", ["--output", str(self.tokenizer), *config, *self.train_overrides,
+                                              *MODELS[self.name]], f"training {self.name}'s tokenizer")
 
-    def evaluate(self, eval_cfg: EvalConfig, overrides: list[str]) -> dict[str, Any]:
-        report = read_json(self.root / "eval" / "report.json")
-        if not (report and report.get("settings") == to_dict(eval_cfg) and "code_counts" in report
-                and report.get("tokenizer_sha256") == file_sha256(self.tokenizer / WEIGHTS_NAME)):
-            run_job("pipelines.evaluate", ["--run", str(self.root), *overrides], f"evaluating {self.name}")
-            report = read_json(self.root / "eval" / "report.json")
-        else:
-            print(f"{self.name}: reusing the evaluation in {self.root / 'eval'}")
-        return report
+    def evaluate(self) -> dict[str, Any]:
+        run_job("pipelines.evaluate", ["--run", str(self.root), *self.sections["eval"]], f"evaluating {self.name}")
+        return read_json(self.root / "eval" / "report.json")
 
-    def generate(self, prior_cfg: PriorJobConfig, sample_cfg: SampleConfig) -> dict[str, Any]:
+    def generate(self) -> dict[str, Any]:
         """Codes, prior and samples; returns the prior's and the samples' metrics."""
         run_job("pipelines.extract_codes", ["--tokenizer", str(self.tokenizer), "--output", str(self.codes)],
                 f"extracting {self.name}'s codes")
-        tokenizer_sha = file_sha256(self.tokenizer / WEIGHTS_NAME)
-        settings = {**to_dict(prior_cfg), "codes": {"dir": str(self.codes), "tokenizer_sha256": tokenizer_sha}}
-        trained_on = (read_job_config(self.prior).get("codes") or {}).get("tokenizer_sha256")
-        if trained_on not in (None, tokenizer_sha):
-            # The tokenizer was retrained: its old prior models other codes, so start that prior over.
-            shutil.rmtree(self.prior)
-        if training_is_finished(self.prior, settings, prior_cfg.train.max_steps):
-            print(f"{self.name}: reusing the finished prior in {self.prior}")
-        else:
-            run_job("pipelines.train_prior", ["--codes", str(self.codes), "--output", str(self.prior), "--config",
-                                              str(self.args.prior_config), "train.resume=latest", *self.sections["prior"]],
-                    f"training {self.name}'s prior")
-        stamp = {"settings": to_dict(sample_cfg), "tokenizer_sha256": tokenizer_sha,
-                 "prior_sha256": file_sha256(self.prior / WEIGHTS_NAME)}
-        if stamp_matches(self.samples, stamp) and read_json(self.samples / "metrics.json"):
-            print(f"{self.name}: reusing the samples in {self.samples}")
-        else:
-            run_job("pipelines.sample", ["--tokenizer", str(self.tokenizer), "--prior", str(self.prior), "--output",
-                                         str(self.samples), *self.sections["sample"]], f"sampling {self.name}")
-            atomic_write_json(self.samples / "compare_stamp.json", stamp)
+        run_job("pipelines.train_prior", ["--codes", str(self.codes), "--output", str(self.prior), "--config",
+                                          str(self.args.prior_config), *self.sections["prior"]], f"training {self.name}'s prior")
+        run_job("pipelines.sample", ["--tokenizer", str(self.tokenizer), "--prior", str(self.prior), "--output",
+                                     str(self.samples), *self.sections["sample"]], f"sampling {self.name}")
         return {"prior": read_json(self.prior / "metrics.json"), "samples": read_json(self.samples / "metrics.json")}
 
     def class_rows(self, per_class: int = 8) -> torch.Tensor | None:
@@ -299,15 +259,13 @@ def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="tokenizer YAML shared by every model, e.g. configs/fashion_mnist.yaml")
     parser.add_argument("--prior-config", default=str(DEFAULT_PRIOR_CONFIG), help="prior YAML shared by every model")
     parser.add_argument("--output", required=True, help="e.g. runs/compare-fashion_mnist")
     parser.add_argument("overrides", nargs="*", help="training key=value, models=[...], eval.k=v, prior.k=v, sample.k=v")
     args = parser.parse_args(argv)
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
     models, sections, train_overrides, generation = split_overrides(args.overrides)
     sections["eval"] = [*DEFAULT_EVAL, *sections["eval"]]
     sections["sample"] = [*DEFAULT_SAMPLE, *sections["sample"]]
@@ -319,14 +277,25 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         cfgs[name] = load_config(TokenizerJobConfig, args.config, [*train_overrides, *MODELS[name]])
         cfgs[name].tokenizer_config()
-    runs = {name: ModelRun(name, output, args, cfgs[name], train_overrides, sections) for name in models}
+    runs = {name: ModelRun(name, output, args, train_overrides, sections) for name in models}
+    settings = {"models": models, "generation": generation, "tokenizers": {n: to_dict(c) for n, c in cfgs.items()},
+                "eval": to_dict(eval_cfg), "prior": to_dict(prior_cfg), "sample": to_dict(sample_cfg)}
+    with claim_folder(output, "compare", settings, owned=COMPARE_OUTPUTS):
+        if (output / "table.json").is_file():
+            print(f"compare: {output} is finished with these settings; nothing to do ({output / 'table.md'})")
+            return
+        compare(args, output, models, cfgs, runs, eval_cfg, prior_cfg, sample_cfg, sections, train_overrides, generation)
 
+
+def compare(args, output: Path, models: list[str], cfgs: dict[str, TokenizerJobConfig], runs: dict[str, ModelRun],
+            eval_cfg: EvalConfig, prior_cfg: PriorJobConfig, sample_cfg: SampleConfig, sections: dict[str, list[str]],
+            train_overrides: list[str], generation: bool) -> None:
     reports, generated = {}, {}
     for name, run in runs.items():
         run.train_tokenizer()
-        reports[name] = run.evaluate(eval_cfg, sections["eval"])
+        reports[name] = run.evaluate()
         if generation:
-            generated[name] = run.generate(prior_cfg, sample_cfg)
+            generated[name] = run.generate()
 
     cfg = cfgs[models[0]]
     budget = {"dataset": cfg.data.name, "image_size": cfg.data.image_size, "seed": cfg.seed, "steps": cfg.train.max_steps,
@@ -338,14 +307,15 @@ def main(argv: list[str] | None = None) -> None:
                                 "num_samples": sample_cfg.num_samples, "fid_reference_images": sample_cfg.fid_reference_images,
                                 "sample_settings": to_dict(sample_cfg)}
     rows = [table_row(name, reports[name], generated.get(name)) for name in models]
-    atomic_write_json(output / "table.json", {"budget": budget, "protocol": eval_cfg.protocol,
-                                              "protocol_description": PROTOCOL_TEXT[eval_cfg.protocol],
-                                              "evaluation": to_dict(eval_cfg), "models": rows})
+    # table.json, what says the comparison is complete, last.
     atomic_write_text(output / "table.md", render_table(rows, reports, budget))
     save_usage_histograms({name: torch.tensor(reports[name]["code_counts"]) for name in models}, output / "codebook_usage.png")
     panels = {name: grid for name in models if generation and (grid := runs[name].class_rows()) is not None}
     if panels:
         save_sample_panels(panels, output / "samples.png")
+    atomic_write_json(output / "table.json", {"budget": budget, "protocol": eval_cfg.protocol,
+                                              "protocol_description": PROTOCOL_TEXT[eval_cfg.protocol],
+                                              "evaluation": to_dict(eval_cfg), "models": rows})
     print(f"compared {', '.join(models)}; wrote {output / 'table.md'}")
 
 

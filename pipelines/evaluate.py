@@ -15,7 +15,9 @@ from pipelines.job_environment import apply_job_environment
 apply_job_environment()  # before torch loads
 
 import argparse
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from configio.config import load_config, to_dict
 from configio.devices import pick_device
 from configio.errors import CheckpointError, ConfigError
 from configio.files import atomic_write_json, atomic_write_text, file_sha256
-from eval.fid import FIDError
+from eval.fid import FIDError, list_images
 from eval.report import (
     PROTOCOL_TEXT,
     FIDReference,
@@ -36,7 +38,9 @@ from eval.report import (
 )
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
+from .cli import JobArgumentParser
 from .datasets import build_splits
+from .run_folder import claim_folder
 from .runs import job_seed, tokenizer_data_config
 from .settings import EvalConfig
 
@@ -50,13 +54,48 @@ def check_run(run: Path) -> Path:
     return tokenizer_dir
 
 
-def evaluate_run(run: Path, cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Evaluate `run` and write `<run>/eval/report.json` + `report.md`; returns the report.
+# Settings that change how fast, not what: never compared by the run-folder rule.
+INCIDENTAL_EVAL_SETTINGS = ("settings.device", "settings.batch_size", "settings.fid_batch_size")
 
-    The report keeps the pooled code histogram (`code_counts`) so comparisons can plot it without re-evaluating.
+
+def samples_fingerprint(folder: Path) -> str | None:
+    """sha256 over the sample images' names, sizes and modification times (None when there are none)."""
+    files = list_images(folder) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = os.stat(path)
+        digest.update(f"{os.path.basename(path)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def evaluate_run(run: Path, cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Evaluate `run` into `<run>/eval/` (report.json + report.md) under the run-folder rule; returns the report.
+
+    The tokenizer, the sample images and the settings define the report: the same ones do nothing. The report keeps
+    the pooled code histogram (`code_counts`) so comparisons can plot it without re-evaluating.
     """
     run = Path(run)
     tokenizer_dir = check_run(run)
+    samples_dir = Path(cfg.samples) if cfg.samples else run / "samples" / "images"
+    if cfg.fid and cfg.samples and len(list_images(samples_dir) if samples_dir.is_dir() else []) < 2:
+        raise ConfigError(f"samples={cfg.samples} holds fewer than 2 images; point it at a folder of sample images "
+                          "or set fid=false")
+    settings = {"settings": to_dict(cfg), "tokenizer_sha256": file_sha256(tokenizer_dir / WEIGHTS_NAME),
+                "samples": samples_fingerprint(samples_dir) if cfg.fid else None}
+    inputs = (tokenizer_dir, samples_dir) if samples_dir.is_dir() else (tokenizer_dir,)
+    with claim_folder(run / "eval", "evaluate", settings, inputs=inputs, ignore=INCIDENTAL_EVAL_SETTINGS):
+        report_path = run / "eval" / "report.json"
+        if report_path.is_file() and (run / "eval" / "report.md").is_file():
+            try:
+                return json.loads(report_path.read_text())
+            except ValueError:
+                pass
+        return _evaluate(run, tokenizer_dir, samples_dir, cfg, progress)
+
+
+def _evaluate(run: Path, tokenizer_dir: Path, samples_dir: Path, cfg: EvalConfig, progress: bool) -> dict[str, Any]:
     device = pick_device(cfg.device)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
     data_cfg = tokenizer_data_config(tokenizer_dir, [])
@@ -76,7 +115,6 @@ def evaluate_run(run: Path, cfg: EvalConfig, progress: bool = True) -> dict[str,
             tokenizer, subset, batch_size=cfg.batch_size, device=device, protocol=cfg.protocol, lpips=cfg.lpips,
             fid_reference=reference if cfg.rfid else None, progress=progress,
         )
-        samples_dir = Path(cfg.samples) if cfg.samples else run / "samples" / "images"
         if cfg.fid:
             samples = evaluate_samples(samples_dir, reference)
         else:
@@ -110,8 +148,9 @@ def evaluate_run(run: Path, cfg: EvalConfig, progress: bool = True) -> dict[str,
         "code_counts": counts.tolist(),
     }
     report["seconds_per_1000_images"] = timings_per_thousand(report)
-    atomic_write_json(run / "eval" / "report.json", report)
+    # report.md first, report.json (what a reader checks for) last.
     atomic_write_text(run / "eval" / "report.md", render_markdown(report))
+    atomic_write_json(run / "eval" / "report.json", report)
     return report
 
 
@@ -207,7 +246,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run folder holding tokenizer/ (and samples/images), e.g. runs/default")
     parser.add_argument("--config", default=None, help="YAML with evaluation settings")
     parser.add_argument("overrides", nargs="*", help="num_images=..., protocol=paper, lpips=false, rfid=false, fid=false, ...")

@@ -23,15 +23,13 @@ from tqdm.auto import tqdm
 
 from configio.devices import pick_device
 from configio.errors import ConfigError
-from configio.files import (
-    atomic_save_safetensors,
-    atomic_write_json,
-    file_sha256,
-    remove_orphans,
-)
+from configio.config import to_dict
+from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
+from .cli import JobArgumentParser
 from .datasets import build_splits, dataset_info
+from .run_folder import claim_folder
 from .runs import (
     CODE_SPLITS,
     job_seed,
@@ -51,12 +49,11 @@ def encode_split(tokenizer: Tokenizer, dataset, batch_size: int, device: torch.d
 
 
 def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size: int = 256, device: str | None = None) -> dict:
+    """Encode every split into `output` under the run-folder rule: the tokenizer (its sha256) and the data settings
+    define the codes; the same ones reuse every complete split file, others start over (old codes set aside)."""
     tokenizer_dir, output = Path(tokenizer_dir), Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    remove_orphans(output)
     device = pick_device(device)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
     digest = file_sha256(tokenizer_dir / WEIGHTS_NAME)
@@ -65,6 +62,18 @@ def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size:
         raise ConfigError(
             f"data.image_size={data_cfg.image_size} but the tokenizer takes {tokenizer.config.image_size}-pixel images"
         )
+    settings = {"tokenizer_sha256": digest, "seed": job_seed(tokenizer_dir), "data": to_dict(data_cfg)}
+    with claim_folder(output, "extract_codes", settings, inputs=(tokenizer_dir,)):
+        return _extract(tokenizer, tokenizer_dir, digest, data_cfg, output, batch_size, device)
+
+
+def _extract(tokenizer: Tokenizer, tokenizer_dir: Path, digest: str, data_cfg, output: Path, batch_size: int,
+             device: torch.device) -> dict:
+    if (output / "summary.json").is_file() and all(stored_tokenizer_hash(output / f"{s}.safetensors") == digest
+                                                    for s in CODE_SPLITS):
+        summary = json.loads((output / "summary.json").read_text())
+        summary["reused"] = list(CODE_SPLITS)
+        return summary
     # train.safetensors (the make target) last: its presence means every split is there.
     order = sorted(CODE_SPLITS, key=lambda split: split == "train")
     todo = [s for s in order if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]
@@ -90,13 +99,12 @@ def extract(tokenizer_dir: Path, output: Path, overrides: list[str], batch_size:
             }
             atomic_save_safetensors({"codes": codes.to(dtype), "labels": labels}, output / f"{split}.safetensors", metadata)
     summary["counts"] = {s: int(load_codes(output / f"{s}.safetensors").codes.shape[0]) for s in CODE_SPLITS}
-    (output / "summary.json").unlink(missing_ok=True)
     atomic_write_json(output / "summary.json", summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder (model.safetensors + config.json)")
     parser.add_argument("--output", required=True, help="where the code files go, e.g. runs/default/codes")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -15,41 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
 
 from configio.config import apply_overrides, from_dict
 from configio.errors import CheckpointError, ConfigError
 
 from .datasets import DataConfig
+from .run_folder import RECORD_NAME, read_record
 
-JOB_CONFIG_NAME = "job_config.yaml"
 CODE_SPLITS = ("train", "val", "test")
-
-
-def read_job_config(folder: Path) -> dict[str, Any]:
-    """The settings a training job in `folder` ran with, as a mapping ({} when it has none yet)."""
-    path = Path(folder) / JOB_CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise CheckpointError(f"'{path}' is corrupt (not valid YAML); delete the run folder and train again") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"'{path}' is corrupt (not a mapping); delete the run folder and train again")
-    return values
+JOB_CONFIG_NAME = RECORD_NAME
+read_job_config = read_record
 
 
 def job_seed(tokenizer_dir: Path) -> int:
     """The seed the tokenizer in `tokenizer_dir` was trained with; it also fixed its train/val split."""
-    return int(read_job_config(tokenizer_dir).get("seed", 0))
+    seed = read_job_config(tokenizer_dir).get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise CheckpointError(f"'{Path(tokenizer_dir) / JOB_CONFIG_NAME}' holds no valid seed; train the tokenizer again")
+    return seed
 
 
 def tokenizer_data_config(tokenizer_dir: Path, overrides: list[str] | None = None) -> DataConfig:
     """The data settings the tokenizer was trained with, with `data.*` overrides applied."""
-    values = apply_overrides({"data": read_job_config(tokenizer_dir).get("data", {})}, list(overrides or []))["data"]
-    return from_dict(DataConfig, values, prefix="data.")
+    data = read_job_config(tokenizer_dir).get("data", {})
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{Path(tokenizer_dir) / JOB_CONFIG_NAME}' holds no data settings; train the tokenizer again")
+    return from_dict(DataConfig, apply_overrides({"data": data}, list(overrides or []))["data"], prefix="data.")
 
 
 def prior_tokenizer_sha256(prior_dir: Path) -> str | None:
@@ -76,6 +68,28 @@ class CodeSet:
     def num_classes(self) -> int:
         return int(self.metadata.get("num_classes", "0") or 0)
 
+    def check(self, path: Path) -> None:
+        """Every field readable and consistent with the tensors; one CheckpointError line otherwise."""
+        def corrupt(what: str) -> CheckpointError:
+            return CheckpointError(f"code file '{path}' is corrupt ({what}); delete it and extract the codes again")
+
+        try:
+            size, (h, w), classes = self.codebook_size, self.grid, self.num_classes
+        except (ValueError, TypeError, KeyError):
+            raise corrupt("non-numeric codebook_size, grid or num_classes in its metadata") from None
+        if not 2 <= size < 2**31 or not (0 < h < 2**16 and 0 < w < 2**16) or not 0 <= classes < 2**31:
+            raise corrupt(f"codebook_size {size}, grid {h}x{w} or num_classes {classes} out of range")
+        if self.codes.ndim != 2 or self.codes.shape[1] != h * w:
+            raise corrupt(f"codes of shape {tuple(self.codes.shape)} do not fit the {h}x{w} grid")
+        if self.labels.ndim != 1 or len(self.labels) != len(self.codes):
+            raise corrupt(f"{len(self.labels)} labels for {len(self.codes)} sequences")
+        if len(self.codes) == 0:
+            raise CheckpointError(f"code file '{path}' holds no sequences; give the data set images in that split")
+        if int(self.codes.min()) < 0 or int(self.codes.max()) >= size:
+            raise corrupt(f"codes outside [0, {size})")
+        if classes and (int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
+            raise corrupt(f"labels outside [0, {classes})")
+
 
 def load_codes(path: Path) -> CodeSet:
     path = Path(path)
@@ -91,10 +105,7 @@ def load_codes(path: Path) -> CodeSet:
         if key not in metadata:
             raise CheckpointError(f"code file '{path}' lacks '{key}' in its metadata; extract the codes again")
     codeset = CodeSet(codes, labels, metadata)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codeset.codebook_size):
-        raise CheckpointError(f"code file '{path}' holds codes outside [0, {codeset.codebook_size}); extract the codes again")
-    if len(codes) == 0:
-        raise CheckpointError(f"code file '{path}' holds no sequences; give the data set images in that split")
+    codeset.check(path)
     return codeset
 
 

@@ -27,12 +27,7 @@ from tqdm.auto import tqdm
 from configio.config import load_config, to_dict
 from configio.devices import pick_device
 from configio.errors import ConfigError
-from configio.files import (
-    atomic_write_json,
-    file_sha256,
-    remove_orphans,
-    write_directory_atomically,
-)
+from configio.files import atomic_write_json, file_sha256, write_directory_atomically
 from eval.fid import FIDError, to_uint8
 from eval.plots import save_png
 from eval.report import FIDReference
@@ -41,8 +36,14 @@ from stage2_prior.model import CodePrior
 from stage2_prior.sampling import sample_codes
 
 from .datasets import DataConfig, build_splits
+from .cli import JobArgumentParser
+from .run_folder import claim_folder
 from .runs import job_seed, prior_tokenizer_sha256, tokenizer_data_config
 from .settings import SampleConfig
+
+
+# Settings that change how fast, not what: never compared by the run-folder rule.
+INCIDENTAL_SAMPLE_SETTINGS = ("settings.fid_batch_size",)
 
 
 def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path) -> None:
@@ -94,7 +95,7 @@ def score_fid(images: torch.Tensor, data_cfg: DataConfig, cfg: SampleConfig, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--prior", required=True)
     parser.add_argument("--output", required=True, help="e.g. runs/default/samples")
@@ -104,14 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(SampleConfig, args.config, args.overrides)
     tokenizer_dir, prior_dir, output = Path(args.tokenizer), Path(args.prior), Path(args.output)
     device = pick_device(cfg.device)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
-    remove_orphans(output)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
     prior = CodePrior.from_pretrained(prior_dir, map_location=device)
     check_pair(tokenizer, tokenizer_dir, prior, prior_dir)
     labels = sample_labels(prior, cfg)
     data_cfg = tokenizer_data_config(tokenizer_dir, [])
+    settings = {"settings": to_dict(cfg), "tokenizer_sha256": file_sha256(tokenizer_dir / WEIGHTS_NAME),
+                "prior_sha256": file_sha256(prior_dir / WEIGHTS_NAME)}
+    with claim_folder(output, "sample", settings, inputs=(tokenizer_dir, prior_dir), ignore=INCIDENTAL_SAMPLE_SETTINGS):
+        if (output / "metrics.json").is_file():
+            print(f"samples: {output} is finished with these settings; nothing to do")
+            return
+        draw(cfg, tokenizer, tokenizer_dir, prior, prior_dir, labels, data_cfg, device, output)
+
+
+def draw(cfg: SampleConfig, tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path,
+         labels: torch.Tensor | None, data_cfg: DataConfig, device: torch.device, output: Path) -> None:
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     codes, images = [], []
@@ -140,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
             (folder / f"{i:06d}.png").write_bytes(png_bytes(image))
 
     metrics_path = output / "metrics.json"
-    metrics_path.unlink(missing_ok=True)  # stale scores must not outlive the images they described
     write_directory_atomically(output / "images", fill)
     order = torch.argsort(labels[:64], stable=True) if labels is not None else torch.arange(min(64, len(images)))
     save_png(images[:64][order], output / "grid.png", nrow=8)

@@ -15,6 +15,7 @@ from pipelines.job_environment import apply_job_environment
 apply_job_environment()  # before torch loads
 
 import argparse
+import hashlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -23,18 +24,26 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from configio.config import load_config
+from configio.config import from_dict, load_values
 from configio.errors import ConfigError
+from configio.files import file_sha256
 from stage2_prior.model import CodePrior, PriorConfig
 
-from .cli import run_cli
-from .runs import CodeSet, load_code_splits
+from .cli import JobArgumentParser, run_cli
+from .resources import check_fits_prior
+from .runs import CODE_SPLITS, CodeSet, load_code_splits
 from .settings import PriorJobConfig
 from .training import TrainingTask, shard_indices, train
 
 
-def prior_config_for(codes: CodeSet, cfg: PriorConfig) -> PriorConfig:
-    """The architecture from the config; vocabulary, length and classes from the codes they will model."""
+# Decided by the code files, never by a setting: one given anyway must agree with the codes.
+DATA_DECIDED = ("codebook_size", "sequence_length", "num_classes")
+
+
+def prior_config_for(codes: CodeSet, cfg: PriorConfig, given: dict[str, Any] | None = None) -> PriorConfig:
+    """The architecture from the config; vocabulary, length and classes from the codes they will model.
+
+    `given`: the prior settings the user wrote; a data-decided one that disagrees with the codes is refused."""
     h, w = codes.grid
     if cfg.class_conditional and codes.num_classes < 1:
         raise ConfigError(
@@ -42,6 +51,10 @@ def prior_config_for(codes: CodeSet, cfg: PriorConfig) -> PriorConfig:
         )
     filled = replace(cfg, codebook_size=codes.codebook_size, sequence_length=h * w,
                      num_classes=codes.num_classes if cfg.class_conditional else 0)
+    for key in DATA_DECIDED:
+        if key in (given or {}) and getattr(filled, key) != getattr(cfg, key):
+            raise ConfigError(f"prior.{key}={getattr(cfg, key)} but the codes decide it ({getattr(filled, key)}); remove "
+                              f"prior.{key}: the vocabulary, sequence length and classes come from the code files")
     filled.check_complete()
     return filled
 
@@ -65,15 +78,19 @@ def bits_per_code(prior: CodePrior, codes: CodeSet, batch_size: int, accelerator
 
 class PriorTask(TrainingTask):
     name = "prior"
+    job = "train_prior"
     validation_metric = "val/bits_per_token"
-    resume_keys = ("prior", "seed", "codes")
 
-    def __init__(self, cfg: PriorJobConfig, codes_dir: Path):
+    def __init__(self, cfg: PriorJobConfig, codes_dir: Path, given: dict[str, Any] | None = None):
         self.cfg = cfg
         self.codes = load_code_splits(codes_dir)
-        self.prior_cfg = prior_config_for(self.codes["train"], cfg.prior)
+        self.prior_cfg = prior_config_for(self.codes["train"], cfg.prior, given)
+        check_fits_prior(self.prior_cfg, cfg.train.batch_size, "cpu" if cfg.train.cpu else "auto")
         sha = self.codes["train"].metadata["tokenizer_sha256"]
-        self.job_record = {"codes": {"dir": str(codes_dir), "tokenizer_sha256": sha}}
+        digest = hashlib.sha256("".join(file_sha256(Path(codes_dir) / f"{s}.safetensors") for s in CODE_SPLITS).encode())
+        # The code files' contents define the run, not the folder they sit in.
+        self.job_record = {"codes": {"tokenizer_sha256": sha, "sha256": digest.hexdigest()}}
+        self.inputs = (Path(codes_dir),)
         val = self.codes["val"]
         limit = cfg.train.eval_images
         self.val = val if limit is None or limit >= len(val.codes) else CodeSet(val.codes[:limit], val.labels[:limit], val.metadata)
@@ -121,19 +138,21 @@ class PriorTask(TrainingTask):
                 f"(uniform: {metrics['uniform_bits_per_token']:.1f}); wrote metrics.json")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[PriorJobConfig, Path, Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> tuple[PriorJobConfig, Path, Path, dict[str, Any]]:
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--codes", required=True, help="folder with train/val/test.safetensors from pipelines.extract_codes")
     parser.add_argument("--output", required=True, help="output folder, e.g. runs/default/prior")
     parser.add_argument("--config", default=None, help="YAML config (default: built-in settings)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 prior.num_layers=6")
     args = parser.parse_args(argv)
-    return load_config(PriorJobConfig, args.config, args.overrides), Path(args.codes), Path(args.output)
+    values = load_values(args.config, args.overrides)
+    given = values.get("prior") if isinstance(values.get("prior"), dict) else {}
+    return from_dict(PriorJobConfig, values), Path(args.codes), Path(args.output), given
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, codes_dir, output = parse_args(argv)
-    train(PriorTask(cfg, codes_dir), cfg.train, cfg.seed, output, cfg)
+    cfg, codes_dir, output, given = parse_args(argv)
+    train(PriorTask(cfg, codes_dir, given), cfg.train, cfg.seed, output, cfg)
 
 
 if __name__ == "__main__":

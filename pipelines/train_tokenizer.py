@@ -27,20 +27,23 @@ from eval.reconstruction import evaluate_tokenizer
 from stage1_tokenizer.model import Tokenizer
 from stage1_tokenizer.quantizers.base import perplexity
 
-from .cli import run_cli
+from .cli import JobArgumentParser, run_cli
 from .datasets import build_splits
+from .resources import check_fits_tokenizer
 from .settings import TokenizerJobConfig
 from .training import TrainingTask, shard_indices, train
 
 
 class TokenizerTask(TrainingTask):
     name = "tokenizer"
+    job = "train_tokenizer"
     validation_metric = "val/mse"
-    resume_keys = ("data", "network", "quantizer", "seed")
 
     def __init__(self, cfg: TokenizerJobConfig, output: Path):
         self.cfg, self.output = cfg, output
         self.tokenizer_cfg = cfg.tokenizer_config()  # fails on a config that does not fit the data before any work
+        check_fits_tokenizer(self.tokenizer_cfg, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.data.name,
+                             cfg.data.limit, "cpu" if cfg.train.cpu else "auto")
         self.job_record = {}
         self.splits = build_splits(cfg.data, seed=cfg.seed)
         val = self.splits["val"]
@@ -106,7 +109,7 @@ class TokenizerTask(TrainingTask):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TokenizerJobConfig, Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (defaults: the built-in Fashion-MNIST settings)")
     parser.add_argument("--output", required=True, help="output folder, e.g. runs/default/tokenizer")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.max_steps=100 quantizer.name=vqvae")

@@ -11,7 +11,9 @@ written file by file atomically with the weights (the make target) last, after m
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,12 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
 from configio.config import from_dict, to_dict
-from configio.errors import CheckpointError, ConfigError
+from configio.errors import CheckpointError, ConfigError, NonFiniteValues, TrainingDiverged
 from configio.files import (
     atomic_write_json,
     atomic_write_text,
@@ -37,7 +38,7 @@ from configio.files import (
 )
 from configio.hub import WEIGHTS_NAME
 
-from .runs import JOB_CONFIG_NAME, read_job_config
+from .run_folder import claim_folder
 
 LATEST = "latest"
 
@@ -119,7 +120,11 @@ class CheckpointManager:
             pointer = self.directory / LATEST
             if not pointer.is_file():
                 return None
-            path = self.directory / pointer.read_text().strip()
+            name = pointer.read_bytes().decode("utf-8", "replace").strip()
+            if not re.fullmatch(r"step_\d{7}", name):
+                raise CheckpointError(f"'{pointer}' is corrupt (it should name a step_* folder); delete it to start "
+                                      "from the newest step_* folder's settings, or choose another output")
+            path = self.directory / name
             if not path.is_dir():
                 raise CheckpointError(f"'{pointer}' names {path.name}, which is missing; delete the pointer to start over")
             return path
@@ -157,35 +162,31 @@ def build_accelerator(mixed_precision: str, force_cpu: bool, output: Path):
     )
 
 
-def resume_point(output: Path, resume: str | None, keep: int) -> tuple[CheckpointManager, Path | None]:
-    """The job's checkpoint manager and the checkpoint to resume from, refusing to start over on top of a run."""
-    checkpoints = CheckpointManager(Path(output) / "checkpoints", keep=keep)
-    resume_from = checkpoints.resolve(resume) if resume else None
-    if resume_from is None and (checkpoints.directory / LATEST).exists():
-        raise ConfigError(
-            f"'{output}' already holds a training run; pass train.resume=latest to continue it or choose another output"
-        )
-    return checkpoints, resume_from
+# Settings that do not change what a run learns: stored in job_config.yaml, never compared by the run-folder rule.
+INCIDENTAL_TRAIN_SETTINGS = ("train.resume", "train.cpu", "train.num_workers", "train.log_every",
+                             "train.checkpoint_every", "train.keep_checkpoints")
 
 
-def check_same_settings(saved: dict[str, Any], current: Any, keys: tuple[str, ...], where: Path,
-                        extra: dict[str, Any] | None = None) -> None:
-    """A run may only be resumed with the settings that define what it learns (the step budget may change).
-
-    `saved` is the run's job config; its sections are read back through the job's config class, so a setting added
-    since the run started compares at its default instead of blocking the resume. Keys that are not config fields
-    (e.g. the code files a prior trains on) compare as stored."""
-    current_values = {**to_dict(current), **(extra or {})}
-    known = {k: saved[k] for k in to_dict(current) if k in saved}
+def is_finished(output: Path, max_steps: int) -> bool:
+    """The export and its metrics of a run trained to `max_steps` are both there."""
     try:
-        saved_values = {**saved, **to_dict(from_dict(type(current), known))}
-    except ConfigError as err:
-        raise ConfigError(f"cannot resume: the settings saved in {where} no longer load ({err})") from None
-    for key in keys:
-        if key not in saved or saved_values.get(key) != current_values.get(key):
-            raise ConfigError(
-                f"cannot resume: '{key}' differs from the run in {where}; use the same settings or another output"
-            )
+        metrics = json.loads((Path(output) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (Path(output) / WEIGHTS_NAME).is_file() and isinstance(metrics, dict) and metrics.get("steps") == max_steps
+
+
+def check_trainer_state(state: Any, path: Path, max_steps: int) -> dict[str, Any]:
+    """The loop's own counters from a checkpoint, refused with one line when they are not what the loop wrote."""
+    fields = {"step": int, "best_val": (int, float), "best_step": int, "train_seconds": (int, float)}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) or isinstance(state.get(k), bool)
+                                          for k, t in fields.items()):
+        raise CheckpointError(f"checkpoint '{path}' has a corrupt trainer state; delete that folder (the previous "
+                              "checkpoint is kept) and run again")
+    if not 0 <= state["step"] <= max_steps:
+        raise CheckpointError(f"checkpoint '{path}' is at step {state['step']}, beyond train.max_steps={max_steps}; "
+                              "raise train.max_steps or choose another output")
+    return state
 
 
 def ranks_max_difference(model: nn.Module, accelerator) -> float:
@@ -260,9 +261,10 @@ class TrainingTask:
     """
 
     name: str = "model"  # progress bar, TensorBoard project and messages
+    job: str = "train"  # the job recorded in job_config.yaml (the run-folder rule refuses a folder of another job)
     validation_metric: str = "val/loss"  # lower is better; picks the best weights and drives a plateau schedule
-    job_record: dict[str, Any]  # what job_config.yaml stores besides the config (e.g. the code files used)
-    resume_keys: tuple[str, ...] = ()  # job_config entries that must match to resume a run
+    job_record: dict[str, Any]  # what defines the run besides the config (e.g. the code files used)
+    inputs: tuple[Path, ...] = ()  # folders the job reads; its output may not overlap them
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -293,6 +295,13 @@ class TrainingTask:
         return f"{self.name}: done"
 
 
+def diverged(task: TrainingTask, step: int, checkpoints: CheckpointManager, what: str) -> TrainingDiverged:
+    latest = checkpoints.directory / LATEST
+    kept = f"the last good checkpoint ({latest.read_text().strip()}) is kept" if latest.is_file() else "no checkpoint was written yet"
+    return TrainingDiverged(f"the {task.name} training diverged at step {step + 1} ({what}); {kept}; lower train.lr "
+                            "(or check the data for NaN/inf values) and run again")
+
+
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed torch's global generators (CPU and every accelerator) for one step of one process."""
     torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % 2**63)
@@ -316,35 +325,39 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return None
 
 
-def prepare_output(output: Path) -> None:
-    """Refuse a file where the output folder should be; remove temporaries a killed run left behind."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output '{output}' is a file, not a folder; choose another output folder")
-    for folder in (output, output / "best", output / "checkpoints"):
-        remove_orphans(folder)
-
-
 def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_config: Any) -> dict[str, Any] | None:
-    """Run `task` to cfg.max_steps (resuming when asked), export, evaluate and write metrics.json.
+    """Run `task` to cfg.max_steps under the run-folder rule (pipelines/run_folder.py), export, evaluate, write
+    metrics.json.
 
-    Returns the metrics on the main process (None on the others). `job_config` is the job's whole config dataclass;
-    it is saved to job_config.yaml (with `task.job_record`) when the run starts and checked when it resumes.
+    The same settings resume from the newest checkpoint or, when the run is finished, do nothing; a raised
+    train.max_steps continues; other changes start over with the earlier result set aside. Returns the metrics on the
+    main process (None on the others). `job_config` is the job's whole config dataclass; with `task.job_record` it
+    is the folder's record (job_config.yaml).
     """
+    check_seed(seed)
+    output = Path(output)
+    accelerator = build_accelerator(cfg.mixed_precision, cfg.cpu, output)
+    with claim_folder(output, task.job, {**to_dict(job_config), **task.job_record}, inputs=task.inputs,
+                      ignore=INCIDENTAL_TRAIN_SETTINGS, continuable=("train.max_steps",),
+                      main=accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        if is_finished(output, cfg.max_steps) and cfg.resume in (None, LATEST):
+            accelerator.print(f"{task.name}: {output} is finished with these settings ({cfg.max_steps} steps); nothing "
+                              "to do (raise train.max_steps to continue it)")
+            return json.loads((output / "metrics.json").read_text()) if accelerator.is_main_process else None
+        return _train(task, cfg, seed, output, job_config, accelerator)
+
+
+def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_config: Any, accelerator) -> dict[str, Any] | None:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    check_seed(seed)
-    output = Path(output)
-    prepare_output(output)
-    accelerator = build_accelerator(cfg.mixed_precision, cfg.cpu, output)
     is_main = accelerator.is_main_process
-    checkpoints, resume_from = resume_point(output, cfg.resume, cfg.keep_checkpoints)
-    record = {**to_dict(job_config), **task.job_record}
-    if resume_from is not None:
-        check_same_settings(read_job_config(output), job_config, task.resume_keys, output / JOB_CONFIG_NAME,
-                            task.job_record)
+    for folder in (output / "best", output / "checkpoints"):
+        remove_orphans(folder)
+    checkpoints = CheckpointManager(output / "checkpoints", keep=cfg.keep_checkpoints)
+    resume_from = checkpoints.resolve(cfg.resume or LATEST)
 
     set_seed(seed)
     model = task.build_model()
@@ -358,14 +371,11 @@ def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_con
             optimizer.load_state_dict(loaded["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(loaded["scheduler"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint '{resume_from}' does not fit these settings ({err}); resume with the "
-                                  "settings it was made with or choose another output") from None
-        state.update(loaded["trainer"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint '{resume_from}' is corrupt or does not fit these settings "
+                                  f"({' '.join(str(err).split())[:200]}); delete that folder or choose another output") from None
+        state.update(check_trainer_state(loaded["trainer"], resume_from, cfg.max_steps))
         accelerator.print(f"resuming from {resume_from} at step {state['step']}")
-    elif is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / JOB_CONFIG_NAME, yaml.safe_dump(record, sort_keys=False))
     # Stale results must not outlive the run that replaces them; the export (the make target) goes first, so a
     # present export always comes with its metrics. Both are written again at the end.
     if is_main:
@@ -386,11 +396,13 @@ def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_con
     model.train()
     for batch in loader:
         seed_step(seed, step, accelerator.process_index)
-        with accelerator.autocast():
-            loss, logs = task.training_step(model, batch, step, accelerator)
+        try:
+            with accelerator.autocast():
+                loss, logs = task.training_step(model, batch, step, accelerator)
+        except NonFiniteValues as err:
+            raise diverged(task, step, checkpoints, str(err)) from None
         if not torch.isfinite(loss.detach()):
-            raise ConfigError(f"the {task.name} loss became {float(loss)} at step {step + 1}; lower train.lr "
-                              "(or check the data for NaN/inf values) and start again")
+            raise diverged(task, step, checkpoints, f"the loss became {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip > 0:

@@ -60,6 +60,8 @@ import numpy as np
 import ot
 import torch
 
+from configio.errors import NonFiniteValues
+
 from .shortest_path_solver import (
     NON_FINITE,
     OK,
@@ -146,7 +148,7 @@ def _solve_dense(a, b, C_t, num_iter_max, m):
     interleaved medians, K = 512, B = 32): 1.04x per problem (1.10x with a third of the weights zero, 1.07x at
     K = 64, B = 128), 1.03x on the whole ``solver="dense"`` term (73.6 vs 71.7 ms)."""
     if not np.isfinite(C_t).all():
-        raise ValueError("cost matrix or weights contain NaN/inf")
+        raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
     plan, log = ot.emd(a, b, np.ascontiguousarray(C_t.T, dtype=np.float64), numItermax=num_iter_max, log=True)
     _check(log["result_code"], m)
     return plan.T, log["cost"], log["u"], log["v"]
@@ -164,7 +166,7 @@ def _solve_exact_chunk(C_t, A, b, Z, codebook, positions, out, PTz, Pcol, num_it
     solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, Ps, PTz, Pcol, _MASS_TOL, _GAP_TOL)
     for m in positions[status[positions] != OK]:
         if status[m] == NON_FINITE:
-            raise ValueError("cost matrix or weights contain NaN/inf")
+            raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
         warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[int(status[m])]} at position {m}; "
                       "solved with POT's network simplex instead", RuntimeWarning, stacklevel=2)
         plan_t, costs[m], U[m], V[m] = _solve_dense(A[m], b, C_t[m], num_iter_max, m)
@@ -253,7 +255,7 @@ def _solve_host(cost_t, latents, codebook, weights, solver, num_iter_max):
         cb = host[ends[1] : ends[2]].reshape(K, D)
         a = host[ends[2] :].reshape(Mn, K).astype(np.float64)
     if not np.isfinite(a).all():  # the cost is checked by the solvers, position by position
-        raise ValueError("cost matrix or weights contain NaN/inf")
+        raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
     total = a.sum(1, keepdims=True)
     if (a < 0).any() or (total <= 0).any():
         raise ValueError("weights must be nonnegative with positive row sums")

@@ -37,9 +37,15 @@ def _check_settings(num_samples, temperature, top_k, top_p, guidance_scale, batc
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Apply temperature, then top-k, then nucleus (top-p) filtering to (B, V) logits; removed entries become -inf."""
-    logits = logits / temperature
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  scale: float = 1.0) -> torch.Tensor:
+    """Apply temperature, then top-k, then nucleus (top-p) filtering to (B, V) logits; removed entries become -inf.
+
+    Computed in float64 relative to each row's maximum, so that any temperature > 0 and any finite `scale` (the
+    logits are `logits * scale`: the guidance scale, kept apart so it never overflows) give probabilities, never
+    NaN: the best entry stays at 0 and the others go to -inf at worst."""
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) * scale / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -85,10 +91,14 @@ def _sample_batch(prior, cond, null, steps, temperature, top_k, top_p, guidance_
         else:
             logits, _ = prior.code_logits(tokens, use_cache=False, last_only=True)
         logits = logits[:, -1]
+        scale = 1.0
         if guided:
-            cond_logits, uncond_logits = logits[:n], logits[n:]
-            logits = uncond_logits + guidance_scale * (cond_logits - uncond_logits)
-        logits = filter_logits(logits, temperature, top_k, top_p)
+            cond_logits, uncond_logits = logits[:n].double(), logits[n:].double()
+            if guidance_scale > 1.0:  # uncond + s (cond - uncond), divided by s so that no scale overflows
+                logits, scale = uncond_logits / guidance_scale + (cond_logits - uncond_logits), guidance_scale
+            else:
+                logits = uncond_logits + guidance_scale * (cond_logits - uncond_logits)
+        logits = filter_logits(logits, temperature, top_k, top_p, scale)
         probs = torch.softmax(logits, dim=-1)
         nxt = torch.multinomial(probs, 1, generator=generator)  # (n, 1)
         codes[:, t] = nxt[:, 0]

@@ -9,13 +9,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from configio.config import from_dict
-from configio.errors import ConfigError
+from configio.errors import CheckpointError, ConfigError, TrainingDiverged
 from configio.hub import HubModel
 from pipelines.training import (
     StepBatchSampler,
     TrainConfig,
     TrainingTask,
-    check_same_settings,
     seed_step,
     train,
 )
@@ -48,16 +47,16 @@ class ToyJob:
 
 class ToyTask(TrainingTask):
     name = "toy"
+    job = "train_toy"
     validation_metric = "val/mse"
-    resume_keys = ("seed",)
 
-    def __init__(self, fail_at_step=None):
+    def __init__(self, fail_at_step=None, diverge_at_step=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(40, 4, generator=g)  # 40 items in batches of 8: an epoch every 5 steps
         self.data = TensorDataset(x, x.sum(1, keepdim=True))
         self.val = torch.randn(16, 4, generator=g)
         self.job_record = {}
-        self.fail_at_step = fail_at_step
+        self.fail_at_step, self.diverge_at_step = fail_at_step, diverge_at_step
 
     def build_model(self):
         return Toy(ToyConfig())
@@ -69,7 +68,8 @@ class ToyTask(TrainingTask):
         if step == self.fail_at_step:
             raise KeyboardInterrupt  # a kill: the process stops between checkpoints
         x, y = (t.to(accelerator.device) for t in batch)
-        return (model(x) - y).pow(2).mean(), {}
+        loss = (model(x) - y).pow(2).mean()
+        return (loss * float("nan") if step == self.diverge_at_step else loss), {}
 
     @torch.no_grad()
     def validate(self, model, accelerator):
@@ -83,11 +83,11 @@ class ToyTask(TrainingTask):
         return {"test_mse": self.validate(model, accelerator)}
 
 
-def run(output, fail_at_step=None, **settings):
+def run(output, fail_at_step=None, diverge_at_step=None, **settings):
     base = {"batch_size": 8, "max_steps": 17, "eval_every": 3, "checkpoint_every": 4, "log_every": 1, "lr": 0.05,
             "resume": "latest", "cpu": True, **settings}
     cfg = from_dict(TrainConfig, base)
-    return train(ToyTask(fail_at_step), cfg, seed=0, output=output, job_config=ToyJob(0, ToyConfig(), cfg))
+    return train(ToyTask(fail_at_step, diverge_at_step), cfg, seed=0, output=output, job_config=ToyJob(0, ToyConfig(), cfg))
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "cosine", "constant"])
@@ -115,13 +115,58 @@ def test_best_weights_are_exported_with_their_step(tmp_path):
     assert last["weights"] == "last (step 17)"
 
 
-def test_a_run_is_not_started_over_or_resumed_with_other_settings(tmp_path):
+def test_same_settings_do_nothing_once_finished(tmp_path):
+    first = run(tmp_path / "a")
+    before = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
+    again = run(tmp_path / "a", resume=None, checkpoint_every=5)  # incidental settings are not compared
+    assert again == first and (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_changed_setting_starts_over_and_keeps_the_previous_result(tmp_path):
     run(tmp_path / "a")
-    with pytest.raises(ConfigError, match="train.resume=latest"):
-        run(tmp_path / "a", resume=None)
-    saved = {"seed": 0, "toy": {"width": 8}}
-    with pytest.raises(ConfigError, match="'seed' differs"):
-        check_same_settings(saved, ToyJob(1, ToyConfig(), TrainConfig()), ("seed",), tmp_path)
+    old = load_file(tmp_path / "a" / "model.safetensors")
+    run(tmp_path / "a", lr=0.01)
+    previous = list((tmp_path / "a.previous").iterdir())
+    assert len(previous) == 1
+    kept = load_file(previous[0] / "model.safetensors")
+    assert all(torch.equal(old[k], kept[k]) for k in old)
+    assert "lr: 0.01" in (tmp_path / "a" / "job_config.yaml").read_text()
+    assert not all(torch.equal(old[k], v) for k, v in load_file(tmp_path / "a" / "model.safetensors").items())
+
+
+def test_raising_max_steps_continues_the_run(tmp_path):
+    run(tmp_path / "a", max_steps=8, lr_schedule="constant")
+    longer = run(tmp_path / "a", max_steps=17, lr_schedule="constant")
+    straight = run(tmp_path / "b", max_steps=17, lr_schedule="constant")
+    assert not (tmp_path / "a.previous").exists()
+    assert longer["steps"] == 17
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_at_the_first_non_finite_loss_and_keeps_the_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="diverged at step 7.*step_0000004"):
+        run(tmp_path / "a", diverge_at_step=6)
+    assert (tmp_path / "a" / "checkpoints" / "step_0000004").is_dir()
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("pointer, fragment", [(b"step_9999999", "missing"), (b"../../etc", "corrupt"),
+                                                (b"\xff\xfe", "corrupt")])
+def test_a_corrupt_checkpoint_pointer_is_one_error(tmp_path, pointer, fragment):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a", fail_at_step=6)
+    (tmp_path / "a" / "checkpoints" / "latest").write_bytes(pointer)
+    with pytest.raises(CheckpointError, match=fragment):
+        run(tmp_path / "a")
+
+
+def test_a_corrupt_trainer_state_is_one_error(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a", fail_at_step=6)
+    (tmp_path / "a" / "checkpoints" / "step_0000004" / "trainer.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="trainer state"):
+        run(tmp_path / "a")
 
 
 def test_output_that_is_a_file_is_refused(tmp_path):
@@ -132,6 +177,8 @@ def test_output_that_is_a_file_is_refused(tmp_path):
 
 def test_orphaned_temporaries_are_removed_on_start(tmp_path):
     out = tmp_path / "a"
+    with pytest.raises(KeyboardInterrupt):
+        run(out, fail_at_step=2)
     (out / "checkpoints" / ".step_0000004.abc.tmp").mkdir(parents=True)
     (out / ".metrics.json.xyz.tmp").write_text("partial")
     run(out)

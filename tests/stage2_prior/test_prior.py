@@ -231,7 +231,15 @@ def test_filter_logits():
     kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
     assert kept.tolist() == [[True, True, False, False, False]]
     assert (~torch.isinf(filter_logits(logits, top_p=1e-6))).sum() == 1  # the best token always stays
-    assert torch.equal(filter_logits(logits, temperature=2.0), logits / 2)
+    assert torch.allclose(filter_logits(logits, temperature=2.0).softmax(-1), (logits.double() / 2).softmax(-1))
+
+
+@pytest.mark.parametrize("temperature, scale", [(1e-300, 1.0), (1.0, 1e300), (1e-300, 1e300), (5e-324, 1.7e308)])
+def test_extreme_temperature_and_guidance_give_probabilities_not_nan(temperature, scale):
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0, -50.0]])
+    probs = filter_logits(logits, temperature=temperature, scale=scale).softmax(-1)
+    assert torch.isfinite(probs).all()
+    assert probs.argmax(-1).tolist() == [0, 2] and torch.allclose(probs.sum(-1), torch.ones(2, dtype=torch.float64))
 
 
 # --- persistence ---
