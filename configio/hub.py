@@ -69,13 +69,16 @@ class HubModel(PyTorchModelHubMixin):
             if not (folder / required).is_file():
                 raise CheckpointError(f"no {cls.what} at '{folder}' ({required} missing); {cls.make_hint}")
         try:
-            json.loads((folder / CONFIG_NAME).read_text())
+            config = json.loads((folder / CONFIG_NAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{cls.what} config '{folder / CONFIG_NAME}' is corrupt (not valid JSON); "
                                   f"{cls.make_hint}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cls.what} config '{folder / CONFIG_NAME}' is corrupt (not a JSON object of "
+                                  f"settings); {cls.make_hint}")
         try:
             model = super().from_pretrained(folder, **kwargs)
-        except (ConfigError, TypeError, ValueError) as err:
+        except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as err:
             raise CheckpointError(f"{cls.what} config '{folder / CONFIG_NAME}' is invalid: {err}") from None
         return model.eval()
 

@@ -4,7 +4,7 @@
     accelerate launch --num_processes 2 --cpu -m pipelines.train_tokenizer ...   (same flags)
 
 Writes to the output folder: model.safetensors + config.json (the export stage 2 loads, `Tokenizer.from_pretrained`),
-best/ (best validation weights), checkpoints/ (resumable with train.resume=latest), logs/ (TensorBoard),
+best/ (best validation weights), checkpoints/ (the same command resumes from the newest), logs/ (TensorBoard),
 job_config.yaml, metrics.json, reconstructions.png and codebook_usage.png. model.safetensors is written last.
 """
 from __future__ import annotations

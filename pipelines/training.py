@@ -221,7 +221,7 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when an accelerator is present
     num_workers: int = 0
     export: Literal["best", "last"] = "best"  # which weights become model.safetensors (and are tested)
-    resume: str | None = None  # "latest", or a checkpoints/step_* folder
+    resume: str | None = None  # null or "latest": the newest checkpoint of this folder (the run-folder rule); or a step_* folder
 
     def validate(self) -> None:
         for key in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "eval_batch_size", "log_every"):

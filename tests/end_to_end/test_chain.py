@@ -1,8 +1,12 @@
 """The stage-1 -> codes -> stage-2 -> samples chain in miniature, as `make sample` runs it."""
 import json
 import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +117,138 @@ def test_prior_trains_in_two_processes(chain, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "prior" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["max_param_difference_across_processes"] == 0.0
+
+
+# ------------------------------------------------------------------ the run-folder rule, job by job
+
+SAMPLE_ARGS = ["num_samples=8", "batch_size=4", "fid_reference_images=16", "fid_batch_size=8"]
+
+
+def test_the_same_settings_do_nothing_in_every_step(chain, data_root):
+    before = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != ".lock"}
+    out = [job("pipelines.train_tokenizer", "--output", chain / "tokenizer", f"data.root={data_root}", *TOKENIZER_ARGS),
+           job("pipelines.extract_codes", "--tokenizer", chain / "tokenizer", "--output", chain / "codes"),
+           job("pipelines.train_prior", "--codes", chain / "codes", "--output", chain / "prior", "--config",
+               "configs/prior.yaml", *PRIOR_ARGS),
+           job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+               chain / "samples", *SAMPLE_ARGS)]
+    assert all("nothing to do" in proc.stdout or "reused: train, val, test" in proc.stdout for proc in out)
+    after = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != ".lock"}
+    assert after == before
+
+
+def test_changed_data_settings_redo_the_codes_and_keep_the_old_ones(chain, tmp_path):
+    job("pipelines.extract_codes", "--tokenizer", chain / "tokenizer", "--output", tmp_path / "codes", "data.limit=48")
+    first = load_codes(tmp_path / "codes" / "test.safetensors").codes
+    job("pipelines.extract_codes", "--tokenizer", chain / "tokenizer", "--output", tmp_path / "codes", "data.limit=32")
+    assert len(load_codes(tmp_path / "codes" / "test.safetensors").codes) == 32
+    (previous,) = (tmp_path / "codes.previous").iterdir()
+    assert torch.equal(load_codes(previous / "test.safetensors").codes, first)
+
+
+def test_no_job_writes_into_another_jobs_folder(chain):
+    before = (chain / "prior" / "metrics.json").read_bytes()
+    proc = job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+               chain / "prior", "num_samples=2", check=False)
+    one_line_error(proc, "overlaps the input")
+    proc = job("pipelines.extract_codes", "--tokenizer", chain / "tokenizer", "--output", chain / "prior", check=False)
+    one_line_error(proc, "output of train_prior")
+    assert (chain / "prior" / "metrics.json").read_bytes() == before
+
+
+def test_a_changed_prior_setting_retrains_and_keeps_the_old_prior(chain, tmp_path):
+    shutil.copytree(chain / "prior", tmp_path / "prior")
+    old = (tmp_path / "prior" / "model.safetensors").read_bytes()
+    job("pipelines.train_prior", "--codes", chain / "codes", "--output", tmp_path / "prior", "--config",
+        "configs/prior.yaml", *PRIOR_ARGS, "train.lr=3e-4")
+    assert "lr: 0.0003" in (tmp_path / "prior" / "job_config.yaml").read_text()
+    assert (tmp_path / "prior" / "model.safetensors").read_bytes() != old
+    (previous,) = (tmp_path / "prior.previous").iterdir()
+    assert (previous / "model.safetensors").read_bytes() == old
+
+
+def test_evaluate_refuses_an_empty_samples_folder(chain, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = job("pipelines.evaluate", "--run", chain, f"samples={tmp_path / 'empty'}", "num_images=8", check=False)
+    one_line_error(proc, "fewer than 2 images")
+
+
+def _killed_then_resumed(command, output, finished, check_partial, seed):
+    """Kill `command` with SIGKILL at a random moment, check what it left, then run it again to the end."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    rng = random.Random(seed)
+    proc = subprocess.Popen([sys.executable, "-m", *map(str, command)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(2.0, 8.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (output / finished).exists():
+        check_partial()
+    rerun = subprocess.run([sys.executable, "-m", *map(str, command)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (output / finished).is_file()
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_extract_codes_killed_resumes_to_the_same_codes(chain, tmp_path, seed):
+    out = tmp_path / "codes"
+
+    def complete():
+        for split in ("train", "val", "test"):
+            assert load_codes(out / f"{split}.safetensors").codes.numel()
+
+    _killed_then_resumed(["pipelines.extract_codes", "--tokenizer", chain / "tokenizer", "--output", out], out,
+                         "summary.json", complete, seed)
+    for split in ("train", "val", "test"):
+        assert torch.equal(load_codes(out / f"{split}.safetensors").codes, load_codes(chain / "codes" / f"{split}.safetensors").codes)
+
+
+@pytest.mark.parametrize("seed", [3])
+def test_sample_killed_resumes_to_the_same_images(chain, tmp_path, seed):
+    out = tmp_path / "samples"
+
+    def complete():
+        assert len(list((out / "images").glob("*.png"))) == 8 and json.loads((out / "metrics.json").read_text())["fid"]
+
+    _killed_then_resumed(["pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+                          out, *SAMPLE_ARGS], out, "metrics.json", complete, seed)
+    for image in (chain / "samples" / "images").glob("*.png"):
+        assert (out / "images" / image.name).read_bytes() == image.read_bytes()
+    ours, theirs = (json.loads((d / "metrics.json").read_text())["fid"]["fid"] for d in (out, chain / "samples"))
+    assert ours == theirs
+
+
+def test_compare_killed_resumes_to_the_same_table(chain, tmp_path, data_root):
+    args = ["--output", tmp_path / "cmp", f"data.root={data_root}", *TOKENIZER_ARGS, "models=[vqvae]", "generation=false",
+            "eval.num_images=8", "eval.rfid=false"]
+    job("pipelines.compare", *args[:1], tmp_path / "whole", *args[2:])
+    out = tmp_path / "cmp"
+    _killed_then_resumed(["pipelines.compare", *args], out, "table.json", lambda: (out / "table.md").is_file(), 5)
+    ours, whole = (json.loads((d / "table.json").read_text())["models"][0] for d in (out, tmp_path / "whole"))
+    for key in ("psnr", "ssim", "perplexity", "usage", "dead_codes", "steps"):
+        assert ours[key] == whole[key], key
+
+
+def test_two_trainings_into_one_folder_the_second_stops_at_once(tmp_path, data_root):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = tmp_path / "tokenizer"
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.train_tokenizer", "--output", str(out),
+                              f"data.root={data_root}", *TOKENIZER_ARGS, "train.max_steps=100000"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "job_config.yaml").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        second = job("pipelines.train_tokenizer", "--output", out, f"data.root={data_root}", *TOKENIZER_ARGS,
+                     "train.max_steps=100000", check=False)
+        one_line_error(second, f"is in use by train_tokenizer (pid {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_sampling_at_extreme_temperature_and_guidance_draws_codes(chain, tmp_path):
+    job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output", tmp_path / "s",
+        "num_samples=4", "fid=false", "temperature=1e-300", "guidance_scale=1e300")
+    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 4

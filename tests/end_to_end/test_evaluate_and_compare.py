@@ -81,7 +81,7 @@ def test_paper_protocol_resizes_and_says_so(mini_run, data_root):
     assert section["rfid"]["available"] is False
 
 
-def test_compare_job_writes_both_tables(tmp_path, data_root, mini_run, capsys):
+def test_compare_job_writes_both_tables(tmp_path, data_root, mini_run, capfd):
     from pipelines import compare
 
     out = tmp_path / "compare"
@@ -92,7 +92,7 @@ def test_compare_job_writes_both_tables(tmp_path, data_root, mini_run, capsys):
             "prior.prior.num_layers=1", "prior.prior.hidden_size=32", "sample.num_samples=20",
             "sample.fid_reference_images=8", "sample.batch_size=10"]
     compare.main(args)
-    assert "vqwae: reusing the finished tokenizer" in capsys.readouterr().out
+    assert "is finished with these settings; nothing to do" in capfd.readouterr().out
     table = (out / "table.md").read_text()
     assert "| vqvae |" in table and "| vqwae |" in table and "3 tokenizer steps of batch 16" in table
     assert "Protocol: clean" in table and "20 samples each" in table
@@ -109,9 +109,16 @@ def test_compare_job_writes_both_tables(tmp_path, data_root, mini_run, capsys):
         assert f"name: {name}" in saved and "max_steps: 3" in saved and "seed: 0" in saved
         assert (out / name / "eval" / "report.md").is_file() and (out / name / "prior" / "model.safetensors").is_file()
     compare.main(args)
-    again = capsys.readouterr().out
-    for step in ("finished tokenizer", "evaluation", "finished prior", "samples"):
-        assert f"vqvae: reusing the {step}" in again, step
+    assert "is finished with these settings; nothing to do" in capfd.readouterr().out.splitlines()[-1]
+    # Through the jobs' own rule: a changed sampling setting redoes only the samples and the table; the rest is kept.
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    compare.main([*args, "sample.temperature=0.9"])
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    for name in ("vqvae", "vqwae"):
+        assert "temperature: 0.9" in (out / name / "samples" / "job_config.yaml").read_text()
+        previous = list((out / name / "samples.previous").iterdir())
+        assert len(previous) == 1 and (previous[0] / "metrics.json").is_file()
+    assert len(list((tmp_path / "compare.previous").iterdir())) == 1 and (out / "table.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- error paths

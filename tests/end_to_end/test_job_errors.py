@@ -75,9 +75,10 @@ def test_corrupt_checkpoint_on_resume_leaves_files_alone(tmp_path):
     assert_one_line_error(proc, "corrupt")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
     assert all(before[p] == data for p, data in after.items())
-    # Starting over in a folder that holds a run, without resume, is refused rather than overwriting it.
+    # The same settings find the run finished and touch nothing.
     proc = run(*common)
-    assert_one_line_error(proc, "train.resume=latest")
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout
+    assert all(before[p] == p.read_bytes() for p in before if "logs" not in p.parts)
 
 
 def test_missing_or_corrupt_tokenizer(tmp_path):
@@ -114,3 +115,20 @@ def test_failed_test_evaluation_leaves_no_finished_looking_export(tmp_path):
         proc = run(*args)
         assert_one_line_error(proc, path.name)
         assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+def test_training_that_diverges_stops_at_the_first_non_finite_value(tmp_path):
+    folder = _folder(tmp_path, corrupt=False)
+    out = tmp_path / "out"
+    proc = run("--output", str(out), "data.name=folder", f"data.path={folder}", f"data.root={tmp_path}", *TINY,
+               "train.lr=1e30", "train.max_steps=8", "train.checkpoint_every=1")
+    assert_one_line_error(proc, "diverged at step")
+    assert "lower train.lr" in proc.stderr and not (out / "model.safetensors").exists()
+
+
+def test_a_tokenizer_config_that_is_a_list_is_one_error(tmp_path):
+    model = Tokenizer(TokenizerConfig(image_size=32, channels=1))
+    model.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="config"):
+        Tokenizer.from_pretrained(tmp_path / "tok")
