@@ -4,7 +4,8 @@ A folder records the settings that define its result in `job_config.yaml` (with 
 starts on a folder:
 - no record and nothing in it: a new run;
 - the same job and the same settings: the job resumes, or does nothing when its result is complete;
-- only `train.max_steps` raised: training continues from the last checkpoint (training jobs);
+- only `train.max_steps` raised: training continues from the last checkpoint (training jobs; the record takes the
+  new value once the continuation has finished);
 - anything else changed: the job starts over, and the earlier result is first moved, whole, to
   `<folder>.previous/<time>/` beside it (nothing is deleted), with one line naming the changed settings;
 - a record of another job, files that no job recorded, or a folder inside one of the job's inputs: the job stops
@@ -30,7 +31,7 @@ from typing import Any
 import yaml
 
 from configio.errors import CheckpointError, ConfigError, FolderBusy
-from configio.files import TEMPORARY_SUFFIX, atomic_write_text, remove_orphans
+from configio.files import atomic_write_text, remove_orphans
 
 RECORD_NAME = "job_config.yaml"
 LOCK_NAME = ".lock"
@@ -181,9 +182,12 @@ def claim_folder(folder: Path, job: str, settings: dict[str, Any], *, inputs: tu
                 claim = Claim(folder, "restarted", previous, changed)
                 print(f"{folder}: settings changed ({'; '.join(changed)}); the previous result is kept in {previous}; "
                       "starting over", file=sys.stderr)
-        if claim.state != "same":
+        # A continuation is recorded once it has succeeded: a failed one leaves the record as it was.
+        if claim.state in ("new", "restarted"):
             atomic_write_text(folder / RECORD_NAME, yaml.safe_dump(record, sort_keys=False))
         yield claim
+        if claim.state == "continued":
+            atomic_write_text(folder / RECORD_NAME, yaml.safe_dump(record, sort_keys=False))
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Subset
-from tqdm.auto import tqdm
 
 from configio.config import load_config, to_dict
 from configio.devices import pick_device
@@ -33,10 +32,11 @@ from eval.plots import save_png
 from eval.report import FIDReference
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
-from stage2_prior.sampling import sample_codes
 
 from .datasets import DataConfig, build_splits
 from .cli import JobArgumentParser
+from .generation import draw as draw_images
+from .generation import sample_labels
 from .run_folder import claim_folder
 from .runs import job_seed, prior_tokenizer_sha256, tokenizer_data_config
 from .settings import SampleConfig
@@ -60,19 +60,6 @@ def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prio
             f"the prior in {prior_dir} was trained on codes of another tokenizer than the one in {tokenizer_dir}; "
             "extract codes and train the prior again (make prior)"
         )
-
-
-def sample_labels(prior: CodePrior, cfg: SampleConfig) -> torch.Tensor | None:
-    if not prior.config.class_conditional:
-        if cfg.label is not None:
-            raise ConfigError("label: this prior is unconditional; remove label=")
-        return None
-    classes = prior.config.num_classes
-    if cfg.label is not None:
-        if not 0 <= cfg.label < classes:
-            raise ConfigError(f"label={cfg.label} is not a class this prior knows (0..{classes - 1})")
-        return torch.full((cfg.num_samples,), cfg.label, dtype=torch.long)
-    return torch.arange(cfg.num_samples) % classes
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -116,33 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         if (output / "metrics.json").is_file():
             print(f"samples: {output} is finished with these settings; nothing to do")
             return
-        draw(cfg, tokenizer, tokenizer_dir, prior, prior_dir, labels, data_cfg, device, output)
+        write_samples(cfg, tokenizer, tokenizer_dir, prior, prior_dir, labels, data_cfg, device, output)
 
 
-def draw(cfg: SampleConfig, tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path,
-         labels: torch.Tensor | None, data_cfg: DataConfig, device: torch.device, output: Path) -> None:
-
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    codes, images = [], []
-    started = time.perf_counter()
-    for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
-        n = min(cfg.batch_size, cfg.num_samples - start)
-        try:
-            batch = sample_codes(
-                prior, n, labels[start : start + n] if labels is not None else None, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale, generator=generator,
-                use_cache=cfg.use_cache,
-            )
-        except ValueError as err:  # a setting sample_codes refuses; the message names it
-            raise ConfigError(str(err)) from None
-        codes.append(batch.cpu())
-    sampling_seconds = time.perf_counter() - started
-    side = tokenizer.config.latent_size
-    started = time.perf_counter()
-    for batch in torch.cat(codes).split(cfg.batch_size):
-        images.append(tokenizer.decode(batch.view(-1, side, side).to(device)).float().clamp(0, 1).cpu())
-    images = torch.cat(images)
-    decode_seconds = time.perf_counter() - started
+def write_samples(cfg: SampleConfig, tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path,
+                  labels: torch.Tensor | None, data_cfg: DataConfig, device: torch.device, output: Path) -> None:
+    drawn = draw_images(tokenizer, prior, cfg, labels, device)
+    images, sampling_seconds, decode_seconds = drawn.images, drawn.sampling_seconds, drawn.decode_seconds
 
     def fill(folder: Path) -> None:
         for i, image in enumerate(images):

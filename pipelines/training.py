@@ -393,48 +393,51 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
     step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
 
-    model.train()
-    for batch in loader:
-        seed_step(seed, step, accelerator.process_index)
-        try:
-            with accelerator.autocast():
-                loss, logs = task.training_step(model, batch, step, accelerator)
-        except NonFiniteValues as err:
-            raise diverged(task, step, checkpoints, str(err)) from None
-        if not torch.isfinite(loss.detach()):
-            raise diverged(task, step, checkpoints, f"the loss became {float(loss.detach())}")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if scheduler is not None and cfg.lr_schedule != "plateau":
-            scheduler.step()
-        step += 1
-        progress.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-            progress.set_postfix(task.progress(logs))
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            value = task.validate(raw_model, accelerator)
-            raw_model.train()
-            accelerator.log({task.validation_metric: value}, step=step)
-            if scheduler is not None and cfg.lr_schedule == "plateau":
-                scheduler.step(value)
-            if value < state["best_val"]:
-                state.update(best_val=value, best_step=step)
+    try:
+        model.train()
+        for batch in loader:
+            seed_step(seed, step, accelerator.process_index)
+            try:
+                with accelerator.autocast():
+                    loss, logs = task.training_step(model, batch, step, accelerator)
+            except NonFiniteValues as err:
+                raise diverged(task, step, checkpoints, str(err)) from None
+            if not torch.isfinite(loss.detach()):
+                raise diverged(task, step, checkpoints, f"the loss became {float(loss.detach())}")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if scheduler is not None and cfg.lr_schedule != "plateau":
+                scheduler.step()
+            step += 1
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
+                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+                progress.set_postfix(task.progress(logs))
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                value = task.validate(raw_model, accelerator)
+                raw_model.train()
+                accelerator.log({task.validation_metric: value}, step=step)
+                if scheduler is not None and cfg.lr_schedule == "plateau":
+                    scheduler.step(value)
+                if value < state["best_val"]:
+                    state.update(best_val=value, best_step=step)
+                    if is_main:
+                        raw_model.save_pretrained(output / "best")
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
                 if is_main:
-                    raw_model.save_pretrained(output / "best")
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
-            if is_main:
-                states = {"optimizer": optimizer.state_dict(), "trainer": dict(state)}
-                if scheduler is not None:
-                    states["scheduler"] = scheduler.state_dict()
-                checkpoints.save(step, raw_model, states)
-            accelerator.wait_for_everyone()
-    progress.close()
+                    states = {"optimizer": optimizer.state_dict(), "trainer": dict(state)}
+                    if scheduler is not None:
+                        states["scheduler"] = scheduler.state_dict()
+                    checkpoints.save(step, raw_model, states)
+                accelerator.wait_for_everyone()
+    finally:
+        # Closed before any error line is printed, so that the error stays the last line of the output.
+        progress.close()
     if step < cfg.max_steps:
         raise CheckpointError(f"the data loader ended early at step {step} of {cfg.max_steps}")
     train_seconds = seconds_before + time.perf_counter() - started

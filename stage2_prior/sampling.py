@@ -77,16 +77,21 @@ def _labels_tensor(prior: CodePrior, labels: Any, num_samples: int) -> torch.Ten
 
 
 @torch.no_grad()
-def _sample_batch(prior, cond, null, steps, temperature, top_k, top_p, guidance_scale, generator, use_cache) -> torch.Tensor:
+def _sample_batch(prior, cond, null, steps, temperature, top_k, top_p, guidance_scale, generator, use_cache,
+                  prefix=None) -> torch.Tensor:
     n = cond.shape[0]
     guided = null is not None
     first = torch.cat([cond, null]) if guided else cond
     tokens = first[:, None]  # (n or 2n, 1+t): the full prefix, kept for the uncached path
     codes = torch.empty(n, steps, dtype=torch.long, device=cond.device)
+    kept = 0 if prefix is None else prefix.shape[1]
+    if kept:
+        codes[:, :kept] = prefix
+        tokens = torch.cat([tokens, torch.cat([prefix, prefix]) if guided else prefix], dim=1)
     cache = None
-    for t in range(steps):
+    for t in range(kept, steps):
         if use_cache:
-            step_input = tokens if t == 0 else tokens[:, -1:]
+            step_input = tokens if cache is None else tokens[:, -1:]
             logits, cache = prior.code_logits(step_input, cache=cache, use_cache=True, last_only=True)
         else:
             logits, _ = prior.code_logits(tokens, use_cache=False, last_only=True)
@@ -117,6 +122,7 @@ def sample_codes(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     batch_size: int | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.LongTensor:
     """Draw `num_samples` code sequences (N, L) in raster order, on the prior's device.
 
@@ -124,6 +130,7 @@ def sample_codes(
     class-conditional one. guidance_scale != 1 runs classifier-free guidance against the null class (conditional
     priors only); guidance_scale == 1 is plain conditional sampling with no unconditional pass.
     The generator must live on the prior's device (torch.Generator(device=...)), as torch.multinomial requires.
+    prefix: (N, p) codes every sequence starts with (completion of the rest of an image); p <= L.
     """
     _check_settings(num_samples, temperature, top_k, top_p, guidance_scale, batch_size)
     device = prior.device
@@ -139,6 +146,13 @@ def sample_codes(
         raise ValueError(
             f"guidance_scale={guidance_scale} needs a class-conditional prior; this one is unconditional (use 1.0)"
         )
+    if prefix is not None:
+        prefix = torch.as_tensor(prefix).long().to(device)
+        if prefix.dim() != 2 or prefix.shape[0] != num_samples or not 0 <= prefix.shape[1] <= prior.sequence_length:
+            raise ValueError(f"prefix must be a ({num_samples}, p) tensor of codes with p <= {prior.sequence_length}, "
+                             f"got shape {tuple(prefix.shape)}")
+        if prefix.numel() and (int(prefix.min()) < 0 or int(prefix.max()) >= prior.codebook_size):
+            raise ValueError(f"prefix holds codes outside [0, {prior.codebook_size})")
     chunk = batch_size or num_samples
     was_training = prior.training
     prior.eval()
@@ -151,6 +165,7 @@ def sample_codes(
                 _sample_batch(
                     prior, cond, null, prior.sequence_length, float(temperature), int(top_k), float(top_p),
                     float(guidance_scale), generator, use_cache,
+                    prefix[start : start + chunk] if prefix is not None and prefix.shape[1] else None,
                 )
             )
     finally:

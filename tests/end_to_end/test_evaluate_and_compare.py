@@ -92,7 +92,7 @@ def test_compare_job_writes_both_tables(tmp_path, data_root, mini_run, capfd):
             "prior.prior.num_layers=1", "prior.prior.hidden_size=32", "sample.num_samples=20",
             "sample.fid_reference_images=8", "sample.batch_size=10"]
     compare.main(args)
-    assert "is finished with these settings; nothing to do" in capfd.readouterr().out
+    assert "vqwae/tokenizer is finished with these settings (3 steps); nothing to do" in capfd.readouterr().out
     table = (out / "table.md").read_text()
     assert "| vqvae |" in table and "| vqwae |" in table and "3 tokenizer steps of batch 16" in table
     assert "Protocol: clean" in table and "20 samples each" in table

@@ -31,7 +31,8 @@ def test_new_same_continued_restarted(tmp_path):
         assert claim.state == "same"
     longer = {"a": 1, "train": {"max_steps": 9, "resume": None}}
     with claim_folder(out, "job", longer, ignore=("train.resume",), continuable=("train.max_steps",)) as claim:
-        assert claim.state == "continued" and read_record(out)["train"]["max_steps"] == 9
+        assert claim.state == "continued" and read_record(out)["train"]["max_steps"] == 5
+    assert read_record(out)["train"]["max_steps"] == 9
     with claim_folder(out, "job", {**longer, "a": 2}, continuable=("train.max_steps",)) as claim:
         assert claim.state == "restarted" and claim.changed == ["a: 1 -> 2"]
         assert (claim.previous / "result.txt").read_text() == "first" and not (out / "result.txt").exists()

@@ -162,6 +162,21 @@ def test_cached_and_uncached_sampling_agree(arch, conditional):
         assert torch.equal(cached, again), kw  # reproducible for a seed
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_completion_keeps_the_prefix_and_agrees_with_and_without_cache(guidance_scale):
+    torch.manual_seed(5)
+    prior = CodePrior(tiny_config())
+    prefix = torch.randint(0, K, (4, L // 2))
+    kw = dict(labels=torch.tensor([0, 1, 2, 3]), guidance_scale=guidance_scale, prefix=prefix)
+    cached = sample_codes(prior, 4, generator=seeded(2), use_cache=True, **kw)
+    uncached = sample_codes(prior, 4, generator=seeded(2), use_cache=False, **kw)
+    assert torch.equal(cached[:, : L // 2], prefix) and torch.equal(cached, uncached)
+    whole = torch.randint(0, K, (4, L))
+    assert torch.equal(sample_codes(prior, 4, generator=seeded(2), **{**kw, "prefix": whole}), whole)
+    with pytest.raises(ValueError, match="prefix"):
+        sample_codes(prior, 4, generator=seeded(2), **{**kw, "prefix": torch.full((4, 2), K)})
+
+
 def test_batched_sampling_and_label_forms():
     torch.manual_seed(0)
     prior = CodePrior(tiny_config())

@@ -1,0 +1,76 @@
+"""Drawing images from a prior + tokenizer pair, shared by `pipelines.sample` and the demo page, so that the same
+settings and seed give the same images in both.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from configio.errors import ConfigError
+from stage1_tokenizer.model import Tokenizer
+from stage2_prior.model import CodePrior
+from stage2_prior.sampling import sample_codes
+
+from .settings import SampleConfig
+
+
+@dataclass
+class Drawn:
+    codes: torch.Tensor  # (N, h*w) long, on the CPU
+    images: torch.Tensor  # (N, C, S, S) float in [0, 1], on the CPU
+    sampling_seconds: float
+    decode_seconds: float
+
+
+def sample_labels(prior: CodePrior, cfg: SampleConfig) -> torch.Tensor | None:
+    """One class for every sample (`label`), all classes in turn (label null), or None for an unconditional prior."""
+    if not prior.config.class_conditional:
+        if cfg.label is not None:
+            raise ConfigError("label: this prior is unconditional; remove label=")
+        return None
+    classes = prior.config.num_classes
+    if cfg.label is not None:
+        if not 0 <= cfg.label < classes:
+            raise ConfigError(f"label={cfg.label} is not a class this prior knows (0..{classes - 1})")
+        return torch.full((cfg.num_samples,), cfg.label, dtype=torch.long)
+    return torch.arange(cfg.num_samples) % classes
+
+
+@torch.no_grad()
+def decode(tokenizer: Tokenizer, codes: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    side = tokenizer.config.latent_size
+    images = [tokenizer.decode(batch.view(-1, side, side).to(device)).float().clamp(0, 1).cpu()
+              for batch in codes.split(batch_size)]
+    return torch.cat(images)
+
+
+def draw(tokenizer: Tokenizer, prior: CodePrior, cfg: SampleConfig, labels: torch.Tensor | None,
+         device: torch.device, prefix: torch.Tensor | None = None, progress: bool = True) -> Drawn:
+    """`cfg.num_samples` code sequences in batches of `cfg.batch_size` from one generator seeded with `cfg.seed`,
+    decoded. `prefix` (N, p): codes every sequence starts with (completion); the prior draws the rest."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    codes = []
+    started = time.perf_counter()
+    starts = range(0, cfg.num_samples, cfg.batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True, disable=not progress):
+        n = min(cfg.batch_size, cfg.num_samples - start)
+        try:
+            batch = sample_codes(
+                prior, n, labels[start : start + n] if labels is not None else None, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale, generator=generator,
+                use_cache=cfg.use_cache, prefix=prefix[start : start + n].to(device) if prefix is not None else None,
+            )
+        except ValueError as err:  # a setting sample_codes refuses; the message names it
+            raise ConfigError(str(err)) from None
+        codes.append(batch.cpu())
+    sampling_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    all_codes = torch.cat(codes)
+    images = decode(tokenizer, all_codes, cfg.batch_size, device)
+    return Drawn(all_codes, images, sampling_seconds, time.perf_counter() - started)
+
+
+__all__ = ["Drawn", "decode", "draw", "sample_labels"]
