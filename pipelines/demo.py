@@ -149,10 +149,14 @@ def read_upload(path: Any, channels: int, size: int) -> torch.Tensor:
             converted = image.convert("L" if channels == 1 else "RGB")
     except DemoInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise DemoInputError(f"'{path.name}' claims a canvas far above {int(math.sqrt(MAX_UPLOAD_PIXELS))}x"
+                             f"{int(math.sqrt(MAX_UPLOAD_PIXELS))} pixels (a decompression bomb?); refused") from None
+    except UnidentifiedImageError:
         raise DemoInputError(f"'{path.name}' is not an image this page can read (PNG, JPEG, WebP, BMP, ...)") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise DemoInputError(f"'{path.name}' is damaged or truncated ({' '.join(str(err).split())[:120]})") from None
+        raise DemoInputError(f"'{path.name}' could not be read: damaged, truncated or missing "
+                             f"({' '.join(str(err).split())[:120]})") from None
     array = torch.from_numpy(np.asarray(converted).copy())
     array = array[None] if array.ndim == 2 else array.permute(2, 0, 1)
     side = min(array.shape[1:])
