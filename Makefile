@@ -3,6 +3,7 @@
 #   make sample    [CONFIG=configs/x.yaml] [RUN=runs/name] [NUM_SAMPLES=1000] [SAMPLE_ARGS="temperature=0.9 ..."]
 #   make tokenizer [CONFIG=...] [RUN=...] [ARGS="key=value ..."]
 #   make codes | make prior [PRIOR_CONFIG=configs/prior.yaml] [PRIOR_ARGS="..."]
+#   make demo      [RUN=...]  the web page over a finished run (http://127.0.0.1:7860)
 #   make test        the whole suite (unit tests, then end-to-end runs; a few minutes on 2 CPU cores)
 #   make test-fast   the unit tests only (tests/<package>/, about a minute)
 PYTHON ?= python3
@@ -50,7 +51,16 @@ prior: codes
 sample: prior
 	$(PY) -m pipelines.sample --tokenizer $(TOKENIZER) --prior $(PRIOR) --output $(SAMPLES) num_samples=$(NUM_SAMPLES) fid_reference_images=$(FID_REFERENCE) $(SAMPLE_ARGS)
 
-test: $(VENV)/.installed
+# The demo page's tests need its extra, and a real browser for one of them (installed here, skipped without it).
+$(VENV)/.installed-demo: $(VENV)/.installed scripts/setup_demo.sh
+	scripts/setup_demo.sh $(VENV)
+	@touch $@
+
+$(VENV)/.installed-browser: $(VENV)/.installed-demo
+	scripts/setup_demo.sh $(VENV) --browser
+	@touch $@
+
+test: $(VENV)/.installed $(VENV)/.installed-demo $(VENV)/.installed-browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
@@ -58,6 +68,12 @@ test-fast: $(VENV)/.installed
 
 clean-run:
 	rm -rf $(RUN)
+
+# --- the demo page: make demo [RUN=runs/default] [DEMO_ARGS="--host 0.0.0.0 --port 7860"] ---
+DEMO_ARGS ?=
+.PHONY: demo
+demo: $(VENV)/.installed-demo
+	$(PY) -m pipelines.demo --run $(RUN) $(DEMO_ARGS)
 
 # --- evaluation (issue 4) ---
 #   make eval    [RUN=runs/name] [EVAL_ARGS="num_images=2000 protocol=paper ..."]

@@ -43,7 +43,7 @@ from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
 from .cli import JobArgumentParser, run_cli
-from .datasets import build_splits, dataset_info
+from .datasets import build_splits
 from .generation import draw, sample_labels
 from .runs import job_seed, load_codes, tokenizer_data_config
 from .settings import SampleConfig
@@ -342,7 +342,10 @@ def build_app(demo: DemoRun):
 
     side = demo.tokenizer.config.latent_size
     classes = [ALL_CLASSES, *demo.class_names] if demo.prior.config.class_conditional else []
-    test_count = len(demo.test_set)
+    try:
+        test_count = len(demo.test_set)
+    except UserError:  # the data set is not on this machine (a Space): uploads still work
+        test_count = 0
 
     def sampling_controls():
         with gr.Row():
@@ -370,7 +373,8 @@ def build_app(demo: DemoRun):
         with gr.Tab("Reconstruct"):
             with gr.Row():
                 rec_upload = gr.File(label="upload an image (or leave empty to use a test image)", type="filepath")
-                rec_index = gr.Number(0, label=f"test image (0..{test_count - 1})", precision=0)
+                rec_index = gr.Number(0, label=f"test image (0..{test_count - 1})" if test_count else
+                                      "test image (none on this machine: upload one)", precision=0)
             rec_button = gr.Button("Reconstruct", variant="primary")
             with gr.Row():
                 rec_original = gr.Image(label="original", type="numpy", format="png")
@@ -383,7 +387,8 @@ def build_app(demo: DemoRun):
         with gr.Tab("Complete"):
             with gr.Row():
                 com_upload = gr.File(label="upload an image (or leave empty to use a test image)", type="filepath")
-                com_index = gr.Number(0, label=f"test image (0..{test_count - 1})", precision=0)
+                com_index = gr.Number(0, label=f"test image (0..{test_count - 1})" if test_count else
+                                      "test image (none on this machine: upload one)", precision=0)
                 com_rows = gr.Slider(0, side, value=side // 2, step=1, label="rows of codes to keep")
             with gr.Row():
                 com_class = gr.Dropdown(classes, value=classes[0] if classes else None,

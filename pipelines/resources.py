@@ -83,4 +83,15 @@ def check_fits_prior(cfg: PriorConfig, batch_size: int, device: str = "auto") ->
                    "prior.hidden_size, prior.num_layers or train.batch_size")
 
 
-__all__ = ["available_bytes", "check_fits_prior", "check_fits_tokenizer", "prior_bytes", "tokenizer_bytes"]
+def check_fits_sampling(prior: PriorConfig, num_samples: int, batch_size: int, image_values: int,
+                        device: str = "auto") -> None:
+    """Every decoded image stays in memory until the FID; one batch holds its key/value cache (doubled by guidance)."""
+    _refuse_beyond(num_samples * image_values * BYTES * 2, available_bytes("cpu"), f"{num_samples:,} samples",
+                   "num_samples")
+    length = prior.sequence_length + 1
+    cache = 2 * 2 * batch_size * length * prior.num_layers * prior.hidden_size * BYTES
+    logits = 2 * batch_size * length * prior.vocab_size * BYTES
+    _refuse_beyond(cache + logits, available_bytes(device), f"a sampling batch of {batch_size:,}", "batch_size")
+
+
+__all__ = ["check_fits_sampling", "available_bytes", "check_fits_prior", "check_fits_tokenizer", "prior_bytes", "tokenizer_bytes"]

@@ -37,6 +37,7 @@ from .datasets import DataConfig, build_splits
 from .cli import JobArgumentParser
 from .generation import draw as draw_images
 from .generation import sample_labels
+from .resources import check_fits_sampling
 from .run_folder import claim_folder
 from .runs import job_seed, prior_tokenizer_sha256, tokenizer_data_config
 from .settings import SampleConfig
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir, map_location=device)
     prior = CodePrior.from_pretrained(prior_dir, map_location=device)
     check_pair(tokenizer, tokenizer_dir, prior, prior_dir)
+    check_fits_sampling(prior.config, cfg.num_samples, min(cfg.batch_size, cfg.num_samples),
+                        tokenizer.config.channels * tokenizer.config.image_size**2, "cpu" if device.type == "cpu" else "auto")
     labels = sample_labels(prior, cfg)
     data_cfg = tokenizer_data_config(tokenizer_dir, [])
     settings = {"settings": to_dict(cfg), "tokenizer_sha256": file_sha256(tokenizer_dir / WEIGHTS_NAME),

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from configio.config import from_dict, to_dict
+from configio.config import to_dict
 from configio.errors import CheckpointError, ConfigError, NonFiniteValues, TrainingDiverged
 from configio.files import (
     atomic_write_json,

@@ -252,3 +252,11 @@ def test_sampling_at_extreme_temperature_and_guidance_draws_codes(chain, tmp_pat
     job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output", tmp_path / "s",
         "num_samples=4", "fid=false", "temperature=1e-300", "guidance_scale=1e300")
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize("settings", [["num_samples=1e12"], ["num_samples=1000000", "batch_size=1000000"]])
+def test_sampling_sizes_that_cannot_fit_are_refused_before_sampling(chain, tmp_path, settings):
+    proc = job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+               tmp_path / "s", "fid=false", *settings, check=False)
+    one_line_error(proc, "does not fit in memory")
+    assert not (tmp_path / "s").exists()

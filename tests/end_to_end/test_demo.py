@@ -1,7 +1,6 @@
 """The demo page (pipelines/demo.py) served in-process on a free port over a tiny run: every tab through
 gradio_client (hostile uploads, bad controls, 8 concurrent generations), and the page itself in headless Chromium."""
 import io
-import json
 import shutil
 import socket
 import struct
@@ -12,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, job, one_line_error
+from helpers import job, one_line_error
 from PIL import Image
 
 gradio = pytest.importorskip("gradio", reason="the demo extra is not installed (make demo / make test install it)")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from pipelines import demo as demo_job  # noqa: E402
-from pipelines.generation import sample_labels  # noqa: E402
 
 TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
                   "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
@@ -214,4 +212,3 @@ def test_the_page_works_in_a_real_browser_and_loads_nothing_from_outside(served,
         browser.close()
     assert (tmp_path / "generate.png").stat().st_size > 10_000
     assert not outside, f"the page requested addresses outside this machine: {outside[:5]}"
-    assert json  # noqa: the module's imports are used by the other tests

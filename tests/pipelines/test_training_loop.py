@@ -137,7 +137,7 @@ def test_a_changed_setting_starts_over_and_keeps_the_previous_result(tmp_path):
 def test_raising_max_steps_continues_the_run(tmp_path):
     run(tmp_path / "a", max_steps=8, lr_schedule="constant")
     longer = run(tmp_path / "a", max_steps=17, lr_schedule="constant")
-    straight = run(tmp_path / "b", max_steps=17, lr_schedule="constant")
+    run(tmp_path / "b", max_steps=17, lr_schedule="constant")
     assert not (tmp_path / "a.previous").exists()
     assert longer["steps"] == 17
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
