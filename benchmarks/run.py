@@ -136,13 +136,13 @@ def bench_wasserstein(repeats: int) -> dict:
     return out
 
 
-def _tokenizer(name: str, image_size: int, **qkw):
+def _tokenizer(name: str, image_size: int, codebook_size: int = 512, **qkw):
     from stage1_tokenizer.model import Tokenizer, TokenizerConfig
     from stage1_tokenizer.networks import NetworkConfig
     from stage1_tokenizer.quantizers import QuantizerConfig
 
     torch.manual_seed(0)
-    return Tokenizer(TokenizerConfig(image_size, 1, NetworkConfig(), QuantizerConfig(name=name, codebook_size=512, **qkw)))
+    return Tokenizer(TokenizerConfig(image_size, 1, NetworkConfig(), QuantizerConfig(name=name, codebook_size=codebook_size, **qkw)))
 
 
 def bench_step(batch: int, image_size: int, repeats: int, use_trained: bool) -> dict:
@@ -206,6 +206,48 @@ def bench_scaling(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_codebook_sizes(repeats: int, sizes: list[int]) -> list[dict]:
+    """At each K: the W term (M 64, B 32, D 64, Gaussian latents), VQ-VAE's nearest-codeword step on the same latents
+    (the floor both methods share: one (B*M, K) distance matrix, its argmin and the two VQ losses, backward), and a
+    whole training step of each tokenizer (batch 32, 8x8 grid), side by side."""
+    import torch.nn.functional as F
+
+    from stage1_tokenizer.quantizers.base import nearest_codewords
+
+    images, data = fashion_images(32, 32)
+    rows = []
+    for k in sizes:
+        g = torch.Generator().manual_seed(k)
+        z, c = torch.randn(64, 32, 64, generator=g), 0.7 * torch.randn(k, 64, generator=g)
+        p = torch.softmax(torch.randn(64, k, generator=g), 1)
+
+        def w_term(z=z, c=c, p=p):
+            zz, cc, pp = (t.clone().requires_grad_() for t in (z, c, p))
+            wasserstein_loss(zz, cc, pp).backward()
+
+        def nearest_step(z=z, c=c):
+            flat, cc = z.reshape(-1, 64).clone().requires_grad_(), c.clone().requires_grad_()
+            chosen = cc[nearest_codewords(flat.detach(), cc.detach())]
+            (F.mse_loss(chosen, flat.detach()) + 0.25 * F.mse_loss(flat, chosen.detach())).backward()
+
+        models = {name: _tokenizer(name, 32, k) for name in ("vqvae", "vqwae")}
+        optims = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+        def step(name):
+            def run():
+                out = models[name](images)
+                optims[name].zero_grad(set_to_none=True)
+                sum(out.losses.values()).backward()
+                optims[name].step()
+            return run
+
+        t = interleaved({"w_term": w_term, "nearest": nearest_step, "vqvae": step("vqvae"), "vqwae": step("vqwae")},
+                        repeats)
+        rows.append({"K": k, "M": 64, "B": 32, "D": 64, "data": data, **{f"{n}_ms": 1e3 * v for n, v in t.items()},
+                     "ratio_step_vqwae_vqvae": t["vqwae"] / t["vqvae"]})
+    return rows
+
+
 def bench_sampling(repeats: int, num_samples: int) -> dict:
     from stage2_prior.model import CodePrior, PriorConfig
     from stage2_prior.sampling import sample_codes
@@ -263,6 +305,17 @@ def markdown(r: dict) -> str:
               "| varied | M | K | B | `exact` ms | `dense` ms | dense / exact |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {s['vary']} | {s['M']} | {s['K']} | {s['B']} | {s['ms']:.1f} | {s['network_simplex_ms']:.1f} | "
               f"{s['network_simplex_ms'] / s['ms']:.2f} |" for s in r["scaling"]]
+    rows = r["codebook_sizes"]
+    base = next((row for row in rows if row["K"] == 2048), rows[0])
+    lines += ["\n## Large codebooks (M 64, B 32, D 64; steps: batch 32, 8x8 grid, random init)\n",
+              f"W term: Gaussian latents, forward + backward; `W / W(K={base['K']})` is the growth the issue bounds (8x "
+              "from 2,048 to 16,384 would be linear). Nearest-codeword step: VQ-VAE's quantizer alone on the same "
+              "latents.\n",
+              f"| K | W term ms | W / W(K={base['K']}) | nearest-codeword step ms | VQ-VAE step ms | VQ-WAE step ms | "
+              "**VQ-WAE / VQ-VAE** |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['K']:,} | {row['w_term_ms']:.1f} | {row['w_term_ms'] / base['w_term_ms']:.2f} | "
+              f"{row['nearest_ms']:.1f} | {row['vqvae_ms']:.1f} | {row['vqwae_ms']:.1f} | "
+              f"**{row['ratio_step_vqwae_vqvae']:.2f}** |" for row in rows]
     s = r["sampling"]
     lines += ["\n## Prior sampling\n", "| KV cache | samples/s |", "|---|---|",
               f"| on | {s['cache_samples_per_s']:.1f} |", f"| off | {s['no_cache_samples_per_s']:.1f} |",
@@ -289,6 +342,7 @@ def main(argv=None) -> None:
             report["steps"].append(bench_step(32, 32, 30, False))
         report["steps"].append(bench_step(32, 64, 6, False))
     report["scaling"] = bench_scaling(1 if q else 2)
+    report["codebook_sizes"] = bench_codebook_sizes(1 if q else 3, [512, 2048] if q else [512, 2048, 8192, 16384])
     report["sampling"] = bench_sampling(1 if q else 3, 8 if q else 32)
     report["fid"] = bench_fid(1 if q else 2, 16 if q else 32)
     out = Path(args.output)

@@ -156,7 +156,7 @@ class FIDReference:
 # ----------------------------------------------------------------------------------------------
 
 def per_position_statistics(position_counts: torch.Tensor, quantizer: Any) -> dict[str, Any]:
-    """Codes used at each latent position over the test split, and (VQ-WAE) the learned pi's perplexity there."""
+    """Codes used at each latent position over the test split, and what the quantizer reports about itself."""
     counts = position_counts.double()
     used = (counts > 0).sum(1)
     empirical = perplexity(counts, dim=1)
@@ -167,18 +167,10 @@ def per_position_statistics(position_counts: torch.Tensor, quantizer: Any) -> di
         "perplexity_per_position": {"mean": float(empirical.mean()), "min": float(empirical.min()),
                                     "max": float(empirical.max()), "values": [round(float(v), 3) for v in empirical]},
     }
-    from stage1_tokenizer.quantizers import VQWAEQuantizer
-
-    if isinstance(quantizer, VQWAEQuantizer):
-        with torch.no_grad():
-            pi = quantizer.code_distributions().double().cpu()
-        pi_ppl = perplexity(pi, dim=1)
-        out["learned_pi_perplexity"] = {
-            "form": "global" if pi.shape[0] == 1 else "per_position",
-            "learned": bool(quantizer.learn_weights),
-            "mean": float(pi_ppl.mean()), "min": float(pi_ppl.min()), "max": float(pi_ppl.max()),
-            "values": [round(float(v), 3) for v in pi_ppl],
-        }
+    # Statistics a quantizer adds about itself (VQ-WAE: the perplexity of its learned code distributions).
+    report_statistics = getattr(quantizer, "report_statistics", None)
+    if callable(report_statistics):
+        out.update(report_statistics())
     return out
 
 

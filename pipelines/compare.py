@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configio.config import load_config, parse_override, to_dict
+from configio.config import from_dict, load_config, parse_override, to_dict
 from configio.errors import ConfigError
 from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_sample_panels, save_usage_histograms
 from eval.report import PROTOCOL_TEXT
-from stage1_tokenizer.quantizers import QuantizerConfig
+from stage1_tokenizer.quantizers import QuantizerConfig, compare_models
 
 from .cli import JobArgumentParser, run_cli
 from .run_folder import claim_folder
@@ -49,23 +49,11 @@ from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConf
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"
 
-# Each model differs from the others by these overrides only.
-MODELS: dict[str, list[str]] = {
-    "vqvae": ["quantizer.name=vqvae", "quantizer.beta_on_codebook=false"],
-    "vqvae-reference": ["quantizer.name=vqvae", "quantizer.beta_on_codebook=true"],
-    "vqvae-ema": ["quantizer.name=vqvae-ema"],
-    "fsq": ["quantizer.name=fsq"],
-    "sqvae": ["quantizer.name=sqvae"],
-    "vqwae": ["quantizer.name=vqwae"],
-}
-DESCRIPTIONS = {
-    "vqvae": "VQ-VAE (beta on the commitment term, as van den Oord et al.)",
-    "vqvae-reference": "VQ-VAE as in the VQ-WAE authors' code (beta on the codebook term)",
-    "vqvae-ema": "VQ-VAE with an EMA codebook, k-means init and dead-code replacement (vector-quantize-pytorch)",
-    "fsq": "FSQ, finite scalar quantization (vector-quantize-pytorch)",
-    "sqvae": "SQ-VAE (Takida et al., 2022), Gaussian variant",
-    "vqwae": "VQ-WAE (this paper)",
-}
+# Each model differs from the others by the overrides its quantizer registers (stage1_tokenizer/quantizers/registry.py).
+MODELS: dict[str, list[str]] = {name: overrides for name, (_, overrides) in compare_models().items()}
+DESCRIPTIONS: dict[str, str] = {name: description for name, (description, _) in compare_models().items()}
+# Settings compare chooses per model: never overridden for all of them.
+PER_MODEL_KEYS = {override.split("=", 1)[0] for overrides in MODELS.values() for override in overrides}
 # What compare itself writes in its folder (the rest are the model folders, each step's own).
 COMPARE_OUTPUTS = ("table.md", "table.json", "codebook_usage.png", "samples.png")
 # Sections of the overrides that go to other jobs than the tokenizer's training.
@@ -94,7 +82,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
             generation = value
         elif path[0] in SECTIONS and len(path) > 1:
             sections[path[0]].append(text.split(".", 1)[1])
-        elif path[:2] in (["quantizer", "name"], ["quantizer", "beta_on_codebook"]):
+        elif ".".join(path) in PER_MODEL_KEYS:
             raise ConfigError(f"override '{text}': compare sets the quantizer per model; pick models with "
                               f"models=[{','.join(MODELS)}]")
         else:
@@ -166,14 +154,9 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def quantizer_summary(settings: dict[str, Any]) -> str:
-    """The settings that matter for this quantizer, with beta resolved to the value training used."""
-    q = QuantizerConfig(**settings)
-    if q.name == "vqvae":
-        return f"beta {q.resolved_beta:g} on the {'codebook' if q.beta_on_codebook else 'commitment'} term"
-    if q.name == "vqwae":
-        return f"beta {q.resolved_beta:g}, kl_weight {q.kl_weight:g}, weights {q.weights}, form {q.form}, init {q.init}"
-    return ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("name",) and v is not None
-                     and k.split("_")[0] in (q.name.split("-")[0], "codebook"))
+    """The settings that matter for this quantizer, as its registry entry states them."""
+    cfg = from_dict(QuantizerConfig, settings, prefix="quantizer.")
+    return cfg.spec.summary(cfg)
 
 
 def table_row(name: str, report: dict[str, Any], generation: dict[str, Any] | None) -> dict[str, Any]:

@@ -70,7 +70,8 @@ class Tokenizer(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "ima
 
     @property
     def codebook_size(self) -> int:
-        return self.config.quantizer.codebook_size
+        """The quantizer's real number of codes (FSQ's recommended levels may give fewer than quantizer.codebook_size)."""
+        return int(self.quantizer.codebook_size)
 
     def check_images(self, x: torch.Tensor) -> None:
         expected = (self.config.channels, self.config.image_size, self.config.image_size)

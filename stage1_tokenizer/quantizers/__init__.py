@@ -1,134 +1,91 @@
-"""Quantizers behind one call signature: `quantizer(z) -> QuantizerOutput(quantized, indices, losses, stats)`."""
+"""Quantizers behind one call signature: `quantizer(z) -> QuantizerOutput(quantized, indices, losses, stats)`.
+
+Every module of this package but `base` and `registry` is a quantizer that registers itself (`registry.register`):
+importing the package imports them all, and `QuantizerConfig` is assembled from the shared settings below plus the
+settings each quantizer declares, so `quantizer.<key>` keeps one name from the command line to the module that reads
+it. Settings are checked once, when the config is built.
+"""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Literal
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Literal
 
 from torch import nn
 
 from configio.errors import ConfigError
 
-from .base import Quantizer, QuantizerOutput, code_perplexity
-from .library import EMAVectorQuantizer, FSQQuantizer
-from .sqvae import SQVAEQuantizer
-from .vqvae import VQVAEQuantizer
-from .vqwae import VQWAEQuantizer
+from .base import Quantizer, QuantizerInterface, QuantizerOutput, code_perplexity
+from .registry import SPECS, QuantizerSpec, Setting, compare_models, ordered_specs, register
+
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+    if _module not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module}")
+
+from .fsq import FSQQuantizer  # noqa: E402
+from .sqvae import SQVAEQuantizer  # noqa: E402
+from .vqvae import VQVAEQuantizer  # noqa: E402
+from .vqvae_ema import EMAVectorQuantizer  # noqa: E402
+from .vqwae import VQWAEQuantizer  # noqa: E402
+
+# Settings every quantizer has; `rotation_trick` only where a quantizer lists it in its spec's `shared`.
+_SHARED: list[tuple[str, Any, Any]] = [
+    ("name", Literal[tuple(spec.name for spec in ordered_specs())], "vqwae"),
+    ("codebook_size", int, 512),
+    ("beta", float | None, None),  # the quantizer's loss weight; null: its own default (spec.default_beta)
+    ("rotation_trick", bool, False),  # vqvae, vqvae-ema, simvq: rotation-trick gradients (Fifty et al., 2024)
+]
 
 
-@dataclass
-class QuantizerConfig:
-    name: Literal["vqwae", "vqvae", "sqvae", "vqvae-ema", "fsq"] = "vqwae"
-    codebook_size: int = 512
-    # vqwae: weight of the Wasserstein term (1e-3); vqvae, vqvae-ema: commitment weight (0.25); sqvae, fsq: unused
-    beta: float | None = None
-    # vqwae
-    kl_weight: float = 1.0
-    weights: Literal["learned", "uniform"] = "learned"
-    form: Literal["per_position", "global"] = "per_position"
-    init: Literal["uniform", "reference"] = "uniform"
-    # vqwae transport: "exact" (default: shortest paths over the latents), "dense" (exact, POT's network simplex)
-    solver: Literal["exact", "dense"] = "exact"
-    # several processes: "local" solves each process's batch, "global_batch" the latents gathered from all processes
-    transport_scope: Literal["local", "global_batch"] = "local"
-    # vqvae
-    beta_on_codebook: bool = False  # the VQ-WAE authors' baseline: beta on the codebook term, not the commitment
-    # vqvae-ema (vector-quantize-pytorch's VectorQuantize): EMA codebook, k-means init, dead-code replacement
-    vqvae_ema_decay: float = 0.99  # the EMA decay of VQ-VAE (van den Oord et al. 2017, appendix)
-    vqvae_ema_kmeans_init: bool = True  # k-means on the first training batch
-    vqvae_ema_dead_code_threshold: float = 2.0  # replace codes whose EMA cluster size drops below this; 0: never
-    # fsq (vector-quantize-pytorch's FSQ): codebook_size must equal the product of the levels
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])
-    # sqvae (Gaussian SQ-VAE; defaults from the authors' code, see stage1_tokenizer/quantizers/sqvae.py)
-    sqvae_variance_init: float = 20.0  # the learned part exp(s) of the posterior variance 1 + exp(s) starts here
-    sqvae_temperature: float = 1.0  # Gumbel-softmax temperature at step 0, decays as exp(-decay * step)
-    sqvae_temperature_decay: float = 1e-5
-    sqvae_data_variance: float | None = None  # sigma_x^2 of the Gaussian decoder; null: the batch MSE (the authors')
-
-    def validate(self) -> None:
-        if self.codebook_size < 2:
-            raise ConfigError(f"quantizer.codebook_size must be at least 2, got {self.codebook_size}")
-        if self.beta is not None and self.beta < 0:
-            raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
-        if self.kl_weight < 0:
-            raise ConfigError(f"quantizer.kl_weight must be >= 0, got {self.kl_weight}")
-        _check_number("vqvae_ema_decay", self.vqvae_ema_decay, "a number in (0, 1), e.g. 0.99", lambda v: 0 < v < 1)
-        _check_number("vqvae_ema_dead_code_threshold", self.vqvae_ema_dead_code_threshold,
-                      ">= 0 (0 turns dead-code replacement off), e.g. 2", lambda v: v >= 0)
-        _check_number("sqvae_variance_init", self.sqvae_variance_init, "> 0, e.g. 20", lambda v: v > 0)
-        _check_number("sqvae_temperature", self.sqvae_temperature, "> 0, e.g. 1.0", lambda v: v > 0)
-        _check_number("sqvae_temperature_decay", self.sqvae_temperature_decay, ">= 0, e.g. 1e-5", lambda v: v >= 0)
-        if self.sqvae_data_variance is not None:
-            _check_number("sqvae_data_variance", self.sqvae_data_variance, "> 0, e.g. 0.0025, or null", lambda v: v > 0)
-        levels = self.fsq_levels
-        if not isinstance(levels, (list, tuple)) or not levels or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 3 for v in levels
-        ):
-            raise ConfigError(
-                f"quantizer.fsq_levels must be a non-empty list of integers >= 3, e.g. [8, 8, 8], got {levels!r}"
-            )
-        if self.name == "fsq" and self.codebook_size != math.prod(levels):
-            raise ConfigError(
-                f"quantizer.codebook_size must equal the product of quantizer.fsq_levels for fsq: {list(levels)} gives "
-                f"{math.prod(levels)} codes, not {self.codebook_size}; set codebook_size={math.prod(levels)} or change "
-                "fsq_levels (e.g. [8, 8, 8] = 512, [8, 5, 5, 5] = 1000)"
-            )
-
-    @property
-    def resolved_beta(self) -> float:
-        if self.beta is not None:
-            return self.beta
-        return 1e-3 if self.name == "vqwae" else 0.25
+def _validate(self) -> None:
+    if self.codebook_size < 2:
+        raise ConfigError(f"quantizer.codebook_size must be at least 2, got {self.codebook_size}")
+    if self.beta is not None and self.beta < 0:
+        raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
+    spec = SPECS[self.name]
+    if self.rotation_trick and "rotation_trick" not in spec.shared:
+        users = ", ".join(s.name for s in ordered_specs() if "rotation_trick" in s.shared)
+        raise ConfigError(f"quantizer.rotation_trick applies to {users}, not to {self.name}; remove it")
+    for other in SPECS.values():
+        for setting in other.settings:
+            setting.check(getattr(self, setting.name))
+    if spec.check is not None:
+        spec.check(self)
 
 
-def _check_number(key: str, value: float, expected: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ConfigError(f"quantizer.{key} must be {expected}, got {value!r}")
+def _resolved_beta(self) -> float:
+    """quantizer.beta, or the chosen quantizer's own default when it is unset."""
+    if self.beta is not None:
+        return self.beta
+    default = SPECS[self.name].default_beta
+    return 0.0 if default is None else default
 
 
-def build_quantizer(
-    cfg: QuantizerConfig, embedding_dim: int, num_positions: int, data_dim: int | None = None
-) -> nn.Module:
+def _field(setting: Setting):
+    if setting.default_factory is not None:
+        return dataclasses.field(default_factory=setting.default_factory)
+    return dataclasses.field(default=setting.default)
+
+
+QuantizerConfig = dataclasses.make_dataclass(
+    "QuantizerConfig",
+    [(name, kind, dataclasses.field(default=default)) for name, kind, default in _SHARED]
+    + [(s.name, s.type, _field(s)) for spec in ordered_specs() for s in spec.settings],
+    namespace={"validate": _validate, "resolved_beta": property(_resolved_beta),
+               "spec": property(lambda self: SPECS[self.name])},
+)
+QuantizerConfig.__module__ = __name__
+QuantizerConfig.__doc__ = "The quantizer's settings: the shared ones and every registered quantizer's own."
+
+
+def build_quantizer(cfg, embedding_dim: int, num_positions: int, data_dim: int | None = None) -> nn.Module:
     """The quantizer `cfg` names. `data_dim` (channels x height x width of an image) is needed by sqvae only."""
     # A QuantizerConfig built in code has not been through from_dict: check it before a quantizer exists.
     cfg.validate()
-    if cfg.name == "sqvae":
-        if data_dim is None:
-            raise ValueError("the sqvae quantizer needs data_dim (pixels per image) to weight its ELBO terms")
-        return SQVAEQuantizer(
-            cfg.codebook_size,
-            embedding_dim,
-            data_dim,
-            variance_init=cfg.sqvae_variance_init,
-            temperature=cfg.sqvae_temperature,
-            temperature_decay=cfg.sqvae_temperature_decay,
-            data_variance=cfg.sqvae_data_variance,
-        )
-    if cfg.name == "vqvae-ema":
-        return EMAVectorQuantizer(
-            cfg.codebook_size,
-            embedding_dim,
-            commitment_weight=cfg.resolved_beta,
-            decay=cfg.vqvae_ema_decay,
-            kmeans_init=cfg.vqvae_ema_kmeans_init,
-            dead_code_threshold=cfg.vqvae_ema_dead_code_threshold,
-        )
-    if cfg.name == "fsq":
-        return FSQQuantizer(embedding_dim, cfg.fsq_levels)
-    if cfg.name == "vqvae":
-        return VQVAEQuantizer(cfg.codebook_size, embedding_dim, cfg.resolved_beta, cfg.beta_on_codebook)
-    return VQWAEQuantizer(
-        cfg.codebook_size,
-        embedding_dim,
-        num_positions,
-        beta=cfg.resolved_beta,
-        kl_weight=cfg.kl_weight,
-        learn_weights=cfg.weights == "learned",
-        global_transport=cfg.form == "global",
-        init=cfg.init,
-        solver=cfg.solver,
-        transport_scope=cfg.transport_scope,
-    )
+    if cfg.name == "sqvae" and data_dim is None:
+        raise ValueError("the sqvae quantizer needs data_dim (pixels per image) to weight its ELBO terms")
+    return SPECS[cfg.name].build(cfg, embedding_dim, num_positions, data_dim)
 
 
 __all__ = [
@@ -136,10 +93,17 @@ __all__ = [
     "FSQQuantizer",
     "Quantizer",
     "QuantizerConfig",
+    "QuantizerInterface",
     "QuantizerOutput",
+    "QuantizerSpec",
+    "SPECS",
     "SQVAEQuantizer",
+    "Setting",
     "VQVAEQuantizer",
     "VQWAEQuantizer",
     "build_quantizer",
     "code_perplexity",
+    "compare_models",
+    "ordered_specs",
+    "register",
 ]

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Quantizer, QuantizerOutput, code_perplexity, squared_distances
+from .registry import QuantizerSpec, Setting, register
 
 # gaussian_1 adds the learned exp(s) to an encoder variance that is fixed at exp(0) = 1.
 ENCODER_VARIANCE = 1.0
@@ -145,3 +146,22 @@ class SQVAEQuantizer(Quantizer):
             "temperature": temperature.detach(),
         }
         return QuantizerOutput(quantized, indices, losses, stats)
+
+
+register(QuantizerSpec(
+    name="sqvae",
+    description="SQ-VAE (Takida et al., 2022), Gaussian variant",
+    build=lambda cfg, dim, positions, data_dim: SQVAEQuantizer(
+        cfg.codebook_size, dim, data_dim, variance_init=cfg.sqvae_variance_init, temperature=cfg.sqvae_temperature,
+        temperature_decay=cfg.sqvae_temperature_decay, data_variance=cfg.sqvae_data_variance),
+    settings=(
+        # The learned part exp(s) of the posterior variance 1 + exp(s) starts here.
+        Setting("sqvae_variance_init", float, 20.0, expected="> 0, e.g. 20", ok=lambda v: v > 0),
+        # Gumbel-softmax temperature at step 0, decays as exp(-decay * step).
+        Setting("sqvae_temperature", float, 1.0, expected="> 0, e.g. 1.0", ok=lambda v: v > 0),
+        Setting("sqvae_temperature_decay", float, 1e-5, expected=">= 0, e.g. 1e-5", ok=lambda v: v >= 0),
+        # sigma_x^2 of the Gaussian decoder; null: the batch MSE (the authors').
+        Setting("sqvae_data_variance", float | None, None, expected="> 0, e.g. 0.0025, or null", ok=lambda v: v > 0),
+    ),
+    order=30,
+))

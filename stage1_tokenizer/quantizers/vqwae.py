@@ -18,6 +18,7 @@ Several processes (``transport_scope``):
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..transport import wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
+from .registry import QuantizerSpec, Setting, register
 
 
 def reference_logits(num_positions: int, codebook_size: int) -> torch.Tensor:
@@ -71,6 +73,17 @@ class VQWAEQuantizer(Quantizer):
     @property
     def learn_weights(self) -> bool:
         return isinstance(self.logits, nn.Parameter)
+
+    @torch.no_grad()
+    def report_statistics(self) -> dict:
+        """The perplexity of each position's learned code distribution pi (for the evaluation report)."""
+        pi = self.code_distributions().double().cpu()
+        pi_ppl = perplexity(pi, dim=1)
+        return {"learned_pi_perplexity": {
+            "form": "global" if pi.shape[0] == 1 else "per_position", "learned": bool(self.learn_weights),
+            "mean": float(pi_ppl.mean()), "min": float(pi_ppl.min()), "max": float(pi_ppl.max()),
+            "values": [round(float(v), 3) for v in pi_ppl],
+        }}
 
     def code_distributions(self) -> torch.Tensor:
         """pi, shape (positions, K), or (1, K) in the global form."""
@@ -120,3 +133,25 @@ class VQWAEQuantizer(Quantizer):
         quantized = z + (codewords - z).detach()
         return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)
 
+
+
+register(QuantizerSpec(
+    name="vqwae",
+    description="VQ-WAE (this paper)",
+    build=lambda cfg, dim, positions, data_dim: VQWAEQuantizer(
+        cfg.codebook_size, dim, positions, beta=cfg.resolved_beta, kl_weight=cfg.kl_weight,
+        learn_weights=cfg.weights == "learned", global_transport=cfg.form == "global", init=cfg.init,
+        solver=cfg.solver, transport_scope=cfg.transport_scope),
+    settings=(
+        Setting("kl_weight", float, 1.0, expected=">= 0", ok=lambda v: v >= 0),
+        Setting("weights", Literal["learned", "uniform"], "learned"),
+        Setting("form", Literal["per_position", "global"], "per_position"),
+        Setting("init", Literal["uniform", "reference"], "uniform"),
+        # "exact" (default: shortest paths over the latents), "dense" (exact, POT's network simplex)
+        Setting("solver", Literal["exact", "dense"], "exact"),
+        # several processes: "local" solves each process's batch, "global_batch" the latents of all processes
+        Setting("transport_scope", Literal["local", "global_batch"], "local"),
+    ),
+    default_beta=1e-3,  # the weight of the Wasserstein term
+    order=90,
+))

@@ -12,11 +12,13 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report) >= {"machine", "wasserstein", "steps", "scaling", "sampling", "fid"}
+    assert set(report) >= {"machine", "wasserstein", "steps", "scaling", "codebook_sizes", "sampling", "fid"}
     w = report["wasserstein"]
     assert w["ours_ms"] > 0 and w["naive_ms"] > 0 and w["max_rel_value_difference"] <= 1e-5
     step = report["steps"][0]
     assert step["vqvae_ms"] > 0 and step["ratio_vqwae_vqvae"] > 0
     assert {row["vary"] for row in report["scaling"]} == {"K", "B", "M"}
     text = (tmp_path / "bench.md").read_text()
-    assert "## Wasserstein term" in text and "## Training step" in text and "## Prior sampling" in text
+    assert [row["K"] for row in report["codebook_sizes"]] == [512, 2048]
+    assert all(row["nearest_ms"] > 0 and row["vqwae_ms"] > 0 for row in report["codebook_sizes"])
+    assert "## Large codebooks" in text and "## Wasserstein term" in text and "## Training step" in text and "## Prior sampling" in text

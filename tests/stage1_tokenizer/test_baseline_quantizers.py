@@ -239,7 +239,9 @@ def test_fsq_is_an_implicit_grid_without_losses():
 # ---------------------------------------------------------------------------------------------- settings
 
 @pytest.mark.parametrize("values, key", [
-    ({"name": "fsq", "codebook_size": 100}, "product"),
+    ({"name": "fsq", "codebook_size": 100, "fsq_levels": [8, 8, 8]}, "product"),
+    ({"name": "vqwae", "rotation_trick": True}, "rotation_trick applies to"),
+    ({"name": "fsq", "rotation_trick": True}, "rotation_trick applies to"),
     ({"name": "fsq", "codebook_size": 512, "fsq_levels": [8, 8, 2, 4]}, "fsq_levels"),
     ({"fsq_levels": []}, "fsq_levels"),
     ({"fsq_levels": [8, 8.5]}, "fsq_levels"),
@@ -266,3 +268,33 @@ def test_bad_settings_built_in_code_are_caught_before_a_quantizer_exists():
     with pytest.raises(ConfigError, match="product of quantizer.fsq_levels"):
         tiny_tokenizer("fsq", codebook_size=64)
     assert QuantizerConfig(name="vqwae").resolved_beta == 1e-3 and QuantizerConfig(name="vqvae").resolved_beta == 0.25
+
+
+@pytest.mark.parametrize("size, levels", [(256, [8, 6, 5]), (512, [8, 8, 8]), (1024, [8, 5, 5, 5]),
+                                          (4096, [7, 5, 5, 5, 5]), (16384, [8, 8, 8, 6, 5]), (65536, [8, 8, 8, 5, 5, 5])])
+def test_fsq_takes_its_papers_levels_and_reports_the_real_size(size, levels):
+    from stage1_tokenizer.quantizers.fsq import levels_for
+
+    cfg = QuantizerConfig(name="fsq", codebook_size=size)
+    assert levels_for(cfg) == levels
+    assert build_quantizer(cfg, embedding_dim=DIM, num_positions=4).codebook_size == math.prod(levels)
+
+
+def test_fsq_tokenizer_reports_the_real_codebook_size():
+    assert tiny_tokenizer("fsq", codebook_size=16384, fsq_levels=None).codebook_size == 15360
+
+
+@pytest.mark.parametrize("name", ["vqvae", "vqvae-ema"])
+def test_rotation_trick_keeps_the_value_and_changes_the_encoder_gradient(name):
+    torch.manual_seed(0)
+    results = {}
+    for rotation in (False, True):
+        torch.manual_seed(0)
+        q = build(name, rotation_trick=rotation, **({"vqvae_ema_kmeans_init": False} if name == "vqvae-ema" else {}))
+        q.train()
+        z = torch.randn(2, DIM, 3, 2, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = q(z)
+        (out.quantized * torch.linspace(-1, 1, DIM).view(1, DIM, 1, 1)).sum().backward()
+        results[rotation] = (out.quantized.detach(), z.grad.clone())
+    torch.testing.assert_close(results[False][0], results[True][0])
+    assert not torch.allclose(results[False][1], results[True][1])
