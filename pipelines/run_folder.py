@@ -6,7 +6,7 @@ starts on a folder:
 - the same job and the same settings: the job resumes, or does nothing when its result is complete;
 - only `train.max_steps` raised: training continues from the last checkpoint (training jobs; the record takes the
   new value once the continuation has finished);
-- anything else changed: the job starts over, and the earlier result is first moved, whole, to
+- anything else changed (a setting the record predates counts as unchanged at its default): the job starts over, and the earlier result is first moved, whole, to
   `<folder>.previous/<time>/` beside it (nothing is deleted), with one line naming the changed settings;
 - a record of another job, files that no job recorded, or a folder inside one of the job's inputs: the job stops
   with one line (no job writes into another job's folder).
@@ -76,12 +76,17 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): values}
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted names of the settings that differ, `a.b: old -> new`, leaving out `ignore` (prefixes)."""
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = (),
+                     defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted names of the settings that differ, `a.b: old -> new`, leaving out `ignore` (prefixes). A setting the
+    saved record lacks (added by a later version) counts as unchanged while it is at its value in `defaults`."""
     old, new = _flatten(canonical(saved)), _flatten(canonical(current))
+    default = _flatten(canonical(defaults)) if defaults else {}
     lines = []
     for key in sorted(set(old) | set(new)):
         if any(key == i or key.startswith(i + ".") for i in ignore):
+            continue
+        if key not in old and key in default and new.get(key) == default[key]:
             continue
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             lines.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
@@ -142,10 +147,11 @@ def is_main_process() -> bool:
 @contextmanager
 def claim_folder(folder: Path, job: str, settings: dict[str, Any], *, inputs: tuple[Path, ...] = (),
                  ignore: tuple[str, ...] = (), continuable: tuple[str, ...] = (), owned: tuple[str, ...] | None = None,
-                 main: bool | None = None) -> Iterator[Claim]:
+                 defaults: dict[str, Any] | None = None, main: bool | None = None) -> Iterator[Claim]:
     """Apply the rule to `folder` for `job` with `settings` and hold its lock while the body runs.
 
     `ignore`: settings that do not change the result (device, worker count, ...): stored, never compared.
+    `defaults`: the settings' defaults, for records written before a setting existed.
     `continuable`: integer settings that may only grow to continue the run (train.max_steps).
     `owned`: the names this job writes in its folder, when it shares the folder with other jobs' subfolders
     (compare); by default everything in the folder is the job's. Processes other than the main one only read.
@@ -171,7 +177,7 @@ def claim_folder(folder: Path, job: str, settings: dict[str, Any], *, inputs: tu
             raise ConfigError(f"'{folder}' holds the output of {saved.get('job') or 'an earlier version'}, not of "
                               f"{job}; a job never writes into another job's folder: choose another output")
         else:
-            changed = changed_settings(saved, record, ignore + continuable)
+            changed = changed_settings(saved, record, ignore + continuable, defaults)
             grown = [key for key in continuable if _lookup(record, key) != _lookup(saved, key)]
             if not changed and all(_grows(_lookup(saved, k), _lookup(record, k)) for k in grown):
                 claim = Claim(folder, "continued" if grown else "same",

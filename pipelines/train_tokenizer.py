@@ -25,6 +25,7 @@ from configio.errors import ConfigError
 from eval.plots import save_reconstruction_grid, save_usage_histograms
 from eval.reconstruction import evaluate_tokenizer
 from stage1_tokenizer.model import Tokenizer
+from stage1_tokenizer.quantizers import SPECS
 from stage1_tokenizer.quantizers.base import perplexity
 
 from .cli import JobArgumentParser, run_cli
@@ -45,6 +46,9 @@ class TokenizerTask(TrainingTask):
         check_fits_tokenizer(self.tokenizer_cfg, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.data.name,
                              cfg.data.limit, "cpu" if cfg.train.cpu else "auto")
         self.job_record = {}
+        # Another quantizer's settings do not change this one's result.
+        self.incidental = tuple(f"quantizer.{setting.name}" for spec in SPECS.values() if spec.name != cfg.quantizer.name
+                                for setting in spec.settings)
         self.splits = build_splits(cfg.data, seed=cfg.seed)
         val = self.splits["val"]
         if len(val) == 0:

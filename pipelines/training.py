@@ -265,6 +265,7 @@ class TrainingTask:
     validation_metric: str = "val/loss"  # lower is better; picks the best weights and drives a plateau schedule
     job_record: dict[str, Any]  # what defines the run besides the config (e.g. the code files used)
     inputs: tuple[Path, ...] = ()  # folders the job reads; its output may not overlap them
+    incidental: tuple[str, ...] = ()  # settings of this run that do not change its result (never compared)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -338,8 +339,8 @@ def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_con
     output = Path(output)
     accelerator = build_accelerator(cfg.mixed_precision, cfg.cpu, output)
     with claim_folder(output, task.job, {**to_dict(job_config), **task.job_record}, inputs=task.inputs,
-                      ignore=INCIDENTAL_TRAIN_SETTINGS, continuable=("train.max_steps",),
-                      main=accelerator.is_main_process):
+                      ignore=INCIDENTAL_TRAIN_SETTINGS + task.incidental, continuable=("train.max_steps",),
+                      defaults=to_dict(type(job_config)()), main=accelerator.is_main_process):
         accelerator.wait_for_everyone()
         if is_finished(output, cfg.max_steps) and cfg.resume in (None, LATEST):
             accelerator.print(f"{task.name}: {output} is finished with these settings ({cfg.max_steps} steps); nothing "

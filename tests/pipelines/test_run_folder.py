@@ -96,3 +96,12 @@ def test_one_writer_per_folder_and_a_killed_writer_leaves_no_stale_lock(tmp_path
     with claim_folder(out, "holder_job", {"x": 1}) as claim:
         assert claim.state == "same"
     assert time.perf_counter() - started < 5
+
+
+def test_a_setting_the_record_predates_counts_as_unchanged_at_its_default(tmp_path):
+    with claim_folder(tmp_path / "run", "job", {"a": 1}):
+        pass
+    with claim_folder(tmp_path / "run", "job", {"a": 1, "new": False}, defaults={"a": 0, "new": False}) as claim:
+        assert claim.state == "same"
+    with claim_folder(tmp_path / "run", "job", {"a": 1, "new": True}, defaults={"a": 0, "new": False}) as claim:
+        assert claim.state == "restarted" and claim.changed == ["new: <unset> -> True"]
