@@ -29,7 +29,7 @@ class JobArgumentParser(argparse.ArgumentParser):
 
 def _os_error(err: OSError) -> str:
     where = f" '{err.filename}'" if err.filename else ""
-    reason = err.strerror or type(err).__name__
+    reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
     return f"cannot use{where}: {reason}; choose another path (or free space / fix permissions)"
 
 

@@ -308,8 +308,33 @@ def usage_pictures(demo: DemoRun) -> tuple[str | None, np.ndarray | None]:
         codes = load_codes(test_codes)
         h, w = codes.grid
         used = torch.tensor([len(torch.unique(codes.codes[:, p])) for p in range(h * w)]).view(h, w)
-        per_position = code_picture(used, int(used.max()) + 1, cell=32)
+        per_position = heatmap(used, f"codes used at each position, of {codes.codebook_size} ({len(codes.codes):,} test images)")
     return (str(histogram) if histogram.is_file() else None), per_position
+
+
+def heatmap(values: torch.Tensor, title: str) -> np.ndarray:
+    """A (h, w) grid of counts as a labelled heat map (each cell's count printed), rendered to an RGB array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.2, 4.4), dpi=100)
+    image = axes.imshow(values.numpy(), cmap="viridis")
+    if values.numel() <= 256:
+        middle = (float(values.min()) + float(values.max())) / 2
+        for (row, col), value in np.ndenumerate(values.numpy()):
+            axes.text(col, row, str(value), ha="center", va="center", fontsize=7,
+                      color="black" if value > middle else "white")
+    axes.set_title(title, fontsize=9)
+    axes.set_xlabel("latent column")
+    axes.set_ylabel("latent row")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.tight_layout()
+    figure.canvas.draw()
+    array = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return array
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -405,9 +430,10 @@ def build_app(demo: DemoRun):
             histogram, per_position = usage_pictures(demo)
             summary = gr.Markdown(model_summary(demo))
             with gr.Row():
-                gr.Image(histogram, label="codebook usage (sorted code histogram, test split)", type="filepath")
+                gr.Image(histogram, label="codebook usage (sorted code histogram, test split)", type="filepath",
+                         height=460)
                 gr.Image(per_position, label="codes used at each latent position (test codes)", type="numpy",
-                         format="png")
+                         format="png", height=460)
             refresh = gr.Button("Reload metrics")
             refresh.click(_shown(lambda: model_summary(demo)), [], [summary], api_name="model")
     app.queue(default_concurrency_limit=1, max_size=256)
@@ -434,9 +460,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's 7860, or the next free one)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: an accelerator when present)")
     args = parser.parse_args(argv)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must lie in 1..65535, got {args.port}")
     demo = DemoRun.open(Path(args.run), args.device)
     print(f"demo of {args.run}: open the address below (Ctrl-C stops it)", flush=True)
-    launch(build_app(demo), args.host, args.port)
+    try:
+        launch(build_app(demo), args.host, args.port)
+    except OSError as err:
+        raise ConfigError(f"cannot serve on {args.host}:{args.port or 7860} ({' '.join(str(err).split())[:200]}); pass "
+                          "another --port (DEMO_ARGS=\"--port 8000\")") from None
 
 
 if __name__ == "__main__":

@@ -212,3 +212,7 @@ def test_the_page_works_in_a_real_browser_and_loads_nothing_from_outside(served,
         browser.close()
     assert (tmp_path / "generate.png").stat().st_size > 10_000
     assert not outside, f"the page requested addresses outside this machine: {outside[:5]}"
+
+
+def test_a_bad_port_is_one_line(tiny_run):
+    one_line_error(job("pipelines.demo", "--run", tiny_run, "--port", "99999", check=False), "--port must lie in")
