@@ -23,6 +23,22 @@ def one_line_error(proc, fragment):
     assert "Traceback" not in proc.stderr
 
 
+# A tiny run: tokenizer, codes and prior in about half a minute on 2 CPU cores.
+TINY_TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
+                       "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
+TINY_PRIOR_ARGS = ["prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2", "train.batch_size=16",
+                   "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6"]
+
+
+def train_tiny_run(run, data_root):
+    """`run`/tokenizer, codes and prior, made by the jobs as `make prior` makes them."""
+    job("pipelines.train_tokenizer", "--output", run / "tokenizer", f"data.root={data_root}", *TINY_TOKENIZER_ARGS)
+    job("pipelines.extract_codes", "--tokenizer", run / "tokenizer", "--output", run / "codes")
+    job("pipelines.train_prior", "--codes", run / "codes", "--output", run / "prior", "--config", "configs/prior.yaml",
+        *TINY_PRIOR_ARGS)
+    return run
+
+
 def write_code_set(folder, num_train=64, num_eval=32, codebook_size=16, side=4, num_classes=3, seed=0):
     """A small random code set in the format pipelines.extract_codes writes (train/val/test.safetensors)."""
     import json

@@ -11,25 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import job, one_line_error
+from helpers import TINY_PRIOR_ARGS, TINY_TOKENIZER_ARGS, job, one_line_error, train_tiny_run
 
 from pipelines.datasets import DataConfig, build_splits
 from pipelines.runs import load_codes
 from stage1_tokenizer.model import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
-                  "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
-PRIOR_ARGS = ["prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2", "train.batch_size=16",
-              "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6"]
+TOKENIZER_ARGS, PRIOR_ARGS = TINY_TOKENIZER_ARGS, TINY_PRIOR_ARGS
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, data_root):
-    run = tmp_path_factory.mktemp("chain")
-    job("pipelines.train_tokenizer", "--output", run / "tokenizer", f"data.root={data_root}", *TOKENIZER_ARGS)
-    job("pipelines.extract_codes", "--tokenizer", run / "tokenizer", "--output", run / "codes")
-    job("pipelines.train_prior", "--codes", run / "codes", "--output", run / "prior", "--config", "configs/prior.yaml", *PRIOR_ARGS)
+    run = train_tiny_run(tmp_path_factory.mktemp("chain"), data_root)
     job("pipelines.sample", "--tokenizer", run / "tokenizer", "--prior", run / "prior", "--output", run / "samples",
         "num_samples=8", "batch_size=4", "fid_reference_images=16", "fid_batch_size=8")
     return run

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import job, one_line_error
+from helpers import job, one_line_error, train_tiny_run
 from PIL import Image
 
 gradio = pytest.importorskip("gradio", reason="the demo extra is not installed (make demo / make test install it)")
@@ -19,20 +19,9 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from pipelines import demo as demo_job  # noqa: E402
 
-TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
-                  "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
-PRIOR_ARGS = ["prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2", "train.batch_size=16",
-              "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6"]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
-    run = tmp_path_factory.mktemp("demo_run")
-    job("pipelines.train_tokenizer", "--output", run / "tokenizer", f"data.root={data_root}", *TOKENIZER_ARGS)
-    job("pipelines.extract_codes", "--tokenizer", run / "tokenizer", "--output", run / "codes")
-    job("pipelines.train_prior", "--codes", run / "codes", "--output", run / "prior", "--config", "configs/prior.yaml",
-        *PRIOR_ARGS)
-    return run
+    return train_tiny_run(tmp_path_factory.mktemp("demo_run"), data_root)
 
 
 def free_port() -> int:
