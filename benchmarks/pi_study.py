@@ -24,7 +24,7 @@ import torch
 
 from configio.files import atomic_write_json, atomic_write_text
 from pipelines.datasets import build_splits
-from pipelines.runs import job_seed, read_job_config, tokenizer_data_config
+from pipelines.runs import job_seed, read_record, tokenizer_data_config
 from stage1_tokenizer.model import Tokenizer
 from stage1_tokenizer.quantizers import VQWAEQuantizer
 from stage1_tokenizer.quantizers.base import perplexity
@@ -117,7 +117,7 @@ def study(run: Path, batch: int) -> dict[str, Any]:
         "test_ssim": metrics.get("ssim"),
         "rfid": rfid.get("fid"),
         "rfid_images": rfid.get("num_images"),
-        "seed": read_job_config(tokenizer_dir).get("seed"),
+        "seed": read_record(tokenizer_dir).get("seed"),
     }
 
 

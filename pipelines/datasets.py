@@ -240,7 +240,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _resize_uint8(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     """(N, C, H, W) uint8 -> (N, C, size, size) uint8 by bilinear interpolation with antialiasing."""
     if images.shape[-2:] == (size, size):
         return images.contiguous()
@@ -477,7 +477,7 @@ def _tensor_splits(cfg: DataConfig) -> dict[str, tuple[torch.Tensor, torch.Tenso
     out = {}
     for split, (x, y) in {"train": (train_x, train_y), "test": (test_x, test_y)}.items():
         y = torch.as_tensor(y, dtype=torch.int64)
-        x = _resize_uint8(x, size)  # cached even at native size: skips importing torchvision (~1 s) next time
+        x = resize_uint8(x, size)  # cached even at native size: skips importing torchvision (~1 s) next time
         _write_cache(_cache_path(root, cfg.name, split, size), x, y)
         out[split] = (x, y)
     return out

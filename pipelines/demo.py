@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from configio.config import from_dict
@@ -39,12 +38,12 @@ from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
 from eval.fid import to_uint8
 from eval.image_metrics import psnr_per_image, ssim_per_image
-from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
+from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
 from .cli import JobArgumentParser, run_cli
-from .datasets import build_splits
-from .generation import draw, sample_labels
+from .datasets import build_splits, resize_uint8
+from .generation import check_pair, draw, sample_labels
 from .runs import job_seed, load_codes, tokenizer_data_config
 from .settings import SampleConfig
 
@@ -72,7 +71,7 @@ class DemoRun:
     def open(cls, run: Path, device: str | None = None) -> "DemoRun":
         run = Path(run)
         for part in ("tokenizer", "prior"):
-            if not (run / part / WEIGHTS_NAME).is_file() or not (run / part / "config.json").is_file():
+            if not (run / part / WEIGHTS_NAME).is_file() or not (run / part / CONFIG_NAME).is_file():
                 raise ConfigError(f"'{run}' holds no finished {part} ({run / part / WEIGHTS_NAME} is missing); run "
                                   f"'make sample RUN={run}' first")
         demo = cls(run, pick_device(device))
@@ -86,10 +85,7 @@ class DemoRun:
     @cached_property
     def prior(self) -> CodePrior:
         prior = CodePrior.from_pretrained(self.run / "prior", map_location=self.device)
-        side = self.tokenizer.config.latent_size
-        if prior.codebook_size != self.tokenizer.codebook_size or prior.sequence_length != side * side:
-            raise ConfigError(f"the prior in {self.run / 'prior'} does not model this tokenizer's codes; run "
-                              f"'make sample RUN={self.run}' again")
+        check_pair(self.tokenizer, self.run / "tokenizer", prior, self.run / "prior")
         return prior
 
     @cached_property
@@ -161,9 +157,8 @@ def read_upload(path: Any, channels: int, size: int) -> torch.Tensor:
     array = array[None] if array.ndim == 2 else array.permute(2, 0, 1)
     side = min(array.shape[1:])
     top, left = (array.shape[1] - side) // 2, (array.shape[2] - side) // 2
-    square = array[:, top : top + side, left : left + side][None].float()
-    resized = F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized.round().clamp(0, 255).div(255)
+    square = array[:, top : top + side, left : left + side][None]
+    return resize_uint8(square, size).float().div(255)
 
 
 def test_image(demo: DemoRun, index: Any) -> tuple[torch.Tensor, int]:

@@ -71,9 +71,13 @@ def _extract(tokenizer: Tokenizer, tokenizer_dir: Path, digest: str, data_cfg, o
              device: torch.device) -> dict:
     if (output / "summary.json").is_file() and all(stored_tokenizer_hash(output / f"{s}.safetensors") == digest
                                                     for s in CODE_SPLITS):
-        summary = json.loads((output / "summary.json").read_text())
-        summary["reused"] = list(CODE_SPLITS)
-        return summary
+        try:
+            summary = json.loads((output / "summary.json").read_text())
+        except (OSError, ValueError):  # damaged by hand: rebuilt below from the complete split files
+            summary = None
+        if isinstance(summary, dict):
+            summary["reused"] = list(CODE_SPLITS)
+            return summary
     # train.safetensors (the make target) last: its presence means every split is there.
     order = sorted(CODE_SPLITS, key=lambda split: split == "train")
     todo = [s for s in order if stored_tokenizer_hash(output / f"{s}.safetensors") != digest]

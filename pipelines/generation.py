@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from configio.errors import ConfigError
-from stage1_tokenizer.model import Tokenizer
+from configio.files import file_sha256
+from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 from stage2_prior.sampling import sample_codes
 
+from .runs import prior_tokenizer_sha256
 from .settings import SampleConfig
 
 
@@ -23,6 +26,23 @@ class Drawn:
     images: torch.Tensor  # (N, C, S, S) float in [0, 1], on the CPU
     sampling_seconds: float
     decode_seconds: float
+
+
+def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path) -> None:
+    """A prior over this tokenizer's codes: the same vocabulary and grid, and (when recorded) the same tokenizer."""
+    side = tokenizer.config.latent_size
+    if prior.codebook_size != tokenizer.codebook_size or prior.sequence_length != side * side:
+        raise ConfigError(
+            f"the prior in {prior_dir} models {prior.sequence_length} codes from a codebook of {prior.codebook_size}, but "
+            f"the tokenizer in {tokenizer_dir} makes {side}x{side} codes from {tokenizer.codebook_size}; "
+            "pair a prior with the tokenizer whose codes it was trained on"
+        )
+    trained_on = prior_tokenizer_sha256(prior_dir)
+    if trained_on and trained_on != file_sha256(tokenizer_dir / WEIGHTS_NAME):
+        raise ConfigError(
+            f"the prior in {prior_dir} was trained on codes of another tokenizer than the one in {tokenizer_dir}; "
+            "extract codes and train the prior again (make prior)"
+        )
 
 
 def sample_labels(prior: CodePrior, cfg: SampleConfig) -> torch.Tensor | None:
@@ -73,4 +93,4 @@ def draw(tokenizer: Tokenizer, prior: CodePrior, cfg: SampleConfig, labels: torc
     return Drawn(all_codes, images, sampling_seconds, time.perf_counter() - started)
 
 
-__all__ = ["Drawn", "decode", "draw", "sample_labels"]
+__all__ = ["Drawn", "check_pair", "decode", "draw", "sample_labels"]

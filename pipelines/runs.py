@@ -23,29 +23,27 @@ from .datasets import DataConfig
 from .run_folder import RECORD_NAME, read_record
 
 CODE_SPLITS = ("train", "val", "test")
-JOB_CONFIG_NAME = RECORD_NAME
-read_job_config = read_record
 
 
 def job_seed(tokenizer_dir: Path) -> int:
     """The seed the tokenizer in `tokenizer_dir` was trained with; it also fixed its train/val split."""
-    seed = read_job_config(tokenizer_dir).get("seed", 0)
+    seed = read_record(tokenizer_dir).get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise CheckpointError(f"'{Path(tokenizer_dir) / JOB_CONFIG_NAME}' holds no valid seed; train the tokenizer again")
+        raise CheckpointError(f"'{Path(tokenizer_dir) / RECORD_NAME}' holds no valid seed; train the tokenizer again")
     return seed
 
 
 def tokenizer_data_config(tokenizer_dir: Path, overrides: list[str] | None = None) -> DataConfig:
     """The data settings the tokenizer was trained with, with `data.*` overrides applied."""
-    data = read_job_config(tokenizer_dir).get("data", {})
+    data = read_record(tokenizer_dir).get("data", {})
     if not isinstance(data, dict):
-        raise CheckpointError(f"'{Path(tokenizer_dir) / JOB_CONFIG_NAME}' holds no data settings; train the tokenizer again")
+        raise CheckpointError(f"'{Path(tokenizer_dir) / RECORD_NAME}' holds no data settings; train the tokenizer again")
     return from_dict(DataConfig, apply_overrides({"data": data}, list(overrides or []))["data"], prefix="data.")
 
 
 def prior_tokenizer_sha256(prior_dir: Path) -> str | None:
     """sha256 of the tokenizer whose codes the prior in `prior_dir` was trained on (None when not recorded)."""
-    return (read_job_config(prior_dir).get("codes") or {}).get("tokenizer_sha256")
+    return (read_record(prior_dir).get("codes") or {}).get("tokenizer_sha256")
 
 
 @dataclass
@@ -125,5 +123,5 @@ def load_code_splits(codes_dir: Path, splits: tuple[str, ...] = CODE_SPLITS) -> 
     return sets
 
 
-__all__ = ["CODE_SPLITS", "JOB_CONFIG_NAME", "CodeSet", "ConfigError", "job_seed", "load_code_splits", "load_codes",
-           "prior_tokenizer_sha256", "read_job_config", "stored_tokenizer_hash", "tokenizer_data_config"]
+__all__ = ["CODE_SPLITS", "RECORD_NAME", "CodeSet", "ConfigError", "job_seed", "load_code_splits", "load_codes",
+           "prior_tokenizer_sha256", "read_record", "stored_tokenizer_hash", "tokenizer_data_config"]

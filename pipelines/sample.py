@@ -33,34 +33,18 @@ from eval.report import FIDReference
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
-from .datasets import DataConfig, build_splits
 from .cli import JobArgumentParser
+from .datasets import DataConfig, build_splits
+from .generation import check_pair, sample_labels
 from .generation import draw as draw_images
-from .generation import sample_labels
 from .resources import check_fits_sampling
 from .run_folder import claim_folder
-from .runs import job_seed, prior_tokenizer_sha256, tokenizer_data_config
+from .runs import job_seed, tokenizer_data_config
 from .settings import SampleConfig
 
 
 # Settings that change how fast, not what: never compared by the run-folder rule.
 INCIDENTAL_SAMPLE_SETTINGS = ("settings.fid_batch_size",)
-
-
-def check_pair(tokenizer: Tokenizer, tokenizer_dir: Path, prior: CodePrior, prior_dir: Path) -> None:
-    side = tokenizer.config.latent_size
-    if prior.codebook_size != tokenizer.codebook_size or prior.sequence_length != side * side:
-        raise ConfigError(
-            f"the prior in {prior_dir} models {prior.sequence_length} codes from a codebook of {prior.codebook_size}, but "
-            f"the tokenizer in {tokenizer_dir} makes {side}x{side} codes from {tokenizer.codebook_size}; "
-            "pair a prior with the tokenizer whose codes it was trained on"
-        )
-    trained_on = prior_tokenizer_sha256(prior_dir)
-    if trained_on and trained_on != file_sha256(tokenizer_dir / WEIGHTS_NAME):
-        raise ConfigError(
-            f"the prior in {prior_dir} was trained on codes of another tokenizer than the one in {tokenizer_dir}; "
-            "extract codes and train the prior again (make prior)"
-        )
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
