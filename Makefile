@@ -80,16 +80,22 @@ demo: $(VENV)/.installed-demo
 #   make compare [CONFIG=configs/x.yaml] [ARGS="models=[vqvae,vqwae] train.max_steps=2000 prior.train.max_steps=500
 #                 sample.num_samples=1000 eval.num_images=1000 ..."]   (PRIOR_CONFIG is the prior every model gets)
 #                [COMPARE_RUN=runs/compare-other]   (default: runs/compare-<config name>)
+#   make sweep   [CONFIG=...] [ARGS="sizes=[512,2048,8192,16384] rivals=2 train.max_steps=1000 eval.rfid_images=500 ..."]
+#                [SWEEP_RUN=runs/sweep-other]   (default: runs/sweep-<config name>; the codebook-size sweep)
 EVAL_ARGS ?=
 COMPARE_RUN ?= runs/compare-$(basename $(notdir $(CONFIG)))
+SWEEP_RUN ?= runs/sweep-$(basename $(notdir $(CONFIG)))
 
-.PHONY: eval compare
+.PHONY: eval compare sweep
 
 eval: $(VENV)/.installed
 	$(PY) -m pipelines.evaluate --run $(RUN) $(EVAL_ARGS)
 
 compare: $(VENV)/.installed
 	$(PY) -m pipelines.compare --config $(CONFIG) --prior-config $(PRIOR_CONFIG) --output $(COMPARE_RUN) $(ARGS)
+
+sweep: $(VENV)/.installed
+	$(PY) -m pipelines.sweep --config $(CONFIG) --prior-config $(PRIOR_CONFIG) --output $(SWEEP_RUN) $(ARGS)
 
 # --- benchmarks (issue 5) ---
 .PHONY: bench

@@ -73,3 +73,34 @@ def save_sample_panels(panels: dict[str, torch.Tensor], path: Path, row_names: l
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def save_sweep_curves(rows: list[dict], path: Path) -> None:
+    """Test usage and perplexity against the codebook size, one line per model (rows: ``codebook_size``, ``model``,
+    ``usage``, ``perplexity``; a codebook size may appear for only some models)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (usage_ax, ppl_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    sizes = sorted({row["codebook_size"] for row in rows})
+    for name in dict.fromkeys(row["model"] for row in rows):
+        points = sorted((row["codebook_size"], row["usage"], row["perplexity"]) for row in rows if row["model"] == name)
+        ks = [p[0] for p in points]
+        usage_ax.plot(ks, [100 * p[1] for p in points], marker="o", label=name)
+        ppl_ax.plot(ks, [p[2] for p in points], marker="o", label=name)
+    ppl_ax.plot(sizes, sizes, color="grey", ls="--", lw=0.8, label="= K (every code equally used)")
+    for ax, title in ((usage_ax, "codes used on the test split (%)"), (ppl_ax, "test code perplexity")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("codebook size K")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    ppl_ax.set_yscale("log", base=2)
+    usage_ax.set_ylim(0, 102)
+    ppl_ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())

@@ -186,7 +186,9 @@ def evaluate_reconstructions(
     fid_reference: FIDReference | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """All reconstruction metrics of `tokenizer` on `dataset`; returns (report section, pooled code histogram)."""
+    """All reconstruction metrics of `tokenizer` on `dataset`; returns (report section, pooled code histogram). rFID
+    compares the reconstructions of the first images of `dataset` with `fid_reference`'s images, which must be those
+    same first images (all of them, or fewer: Inception features are the slow part)."""
     check_protocol(protocol)
     device = torch.device(device)
     timings: dict[str, float] = {}
@@ -223,9 +225,9 @@ def evaluate_reconstructions(
         t = time.perf_counter()
         metric_lpips.update(lp_r, lp_i)
         timings["lpips"] += time.perf_counter() - t
-        if fid_reference is not None:
+        if fid_reference is not None and n < len(fid_reference.dataset):  # the reference's images come first
             t = time.perf_counter()
-            recon_feats.append(fid_reference.features(recon.cpu()))
+            recon_feats.append(fid_reference.features(recon[: len(fid_reference.dataset) - n].cpu()))
             timings["rfid_features"] += time.perf_counter() - t
         n += len(images)
         bar.update(len(images))

@@ -24,129 +24,37 @@ from pipelines.job_environment import apply_job_environment
 apply_job_environment()  # before torch loads; the jobs this one starts inherit it
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from configio.config import from_dict, load_config, parse_override, to_dict
-from configio.errors import ConfigError
+from configio.config import from_dict, load_config, to_dict
 from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_sample_panels, save_usage_histograms
 from eval.report import PROTOCOL_TEXT
-from stage1_tokenizer.quantizers import QuantizerConfig, compare_models
+from stage1_tokenizer.quantizers import QuantizerConfig
 
+from .chain import (
+    DEFAULT_EVAL,
+    DEFAULT_SAMPLE,
+    MODELS,
+    ROOT,
+    ModelRun,
+    add_step_time_ratios,
+    model_list,
+    split_overrides,
+    table_row,
+    true_or_false,
+)
 from .cli import JobArgumentParser, run_cli
 from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"
 
-# Each model differs from the others by the overrides its quantizer registers (stage1_tokenizer/quantizers/registry.py).
-MODELS: dict[str, list[str]] = {name: overrides for name, (_, overrides) in compare_models().items()}
-DESCRIPTIONS: dict[str, str] = {name: description for name, (description, _) in compare_models().items()}
-# Settings compare chooses per model: never overridden for all of them.
-PER_MODEL_KEYS = {override.split("=", 1)[0] for overrides in MODELS.values() for override in overrides}
 # What compare itself writes in its folder (the rest are the model folders, each step's own).
 COMPARE_OUTPUTS = ("table.md", "table.json", "codebook_usage.png", "samples.png")
-# Sections of the overrides that go to other jobs than the tokenizer's training.
-SECTIONS = ("eval", "prior", "sample")
-# The comparison's own default budget: 1,000 test images per reconstruction metric and rFID, and 1,000 samples
-# scored against 2,000 test images, keep the default run near an hour on 2 CPU cores for VQ-VAE and VQ-WAE.
-DEFAULT_EVAL = ["num_images=1000", "fid=false"]
-DEFAULT_SAMPLE = ["num_samples=1000", "fid_reference_images=2000"]
-
-
-def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str], bool]:
-    """(models, per-section overrides, tokenizer training overrides, whether to run stage 2)."""
-    models, sections, train_overrides, generation = list(MODELS), {s: [] for s in SECTIONS}, [], True
-    for text in overrides:
-        path, value = parse_override(text)
-        if path == ["models"]:
-            names = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-            unknown = [n for n in names if n not in MODELS]
-            if not names or unknown:
-                raise ConfigError(f"models: {unknown[0] if unknown else 'empty'!r} is not a model here; choose from "
-                                  f"{', '.join(MODELS)}")
-            models = list(dict.fromkeys(names))
-        elif path == ["generation"]:
-            if not isinstance(value, bool):
-                raise ConfigError(f"generation: expected true or false, got {value!r}")
-            generation = value
-        elif path[0] in SECTIONS and len(path) > 1:
-            sections[path[0]].append(text.split(".", 1)[1])
-        elif ".".join(path) in PER_MODEL_KEYS:
-            raise ConfigError(f"override '{text}': compare sets the quantizer per model; pick models with "
-                              f"models=[{','.join(MODELS)}]")
-        else:
-            train_overrides.append(text)
-    return models, sections, train_overrides, generation
-
-
-def run_job(module: str, args: list[str], what: str) -> None:
-    """One job in its own process; its progress bars and messages go straight to the terminal."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=env)
-    if proc.returncode != 0:
-        raise ConfigError(f"{what} failed (exit {proc.returncode}, its message is above); fix it and re-run the same "
-                          "command (finished steps are reused)")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-class ModelRun:
-    """One model's chain under `<output>/<name>/`: each step is its job, which does nothing when its result is current
-    (the run-folder rule), resumes when interrupted, and starts over (old result set aside) when an input changed."""
-
-    def __init__(self, name: str, output: Path, args: argparse.Namespace, train_overrides: list[str],
-                 sections: dict[str, list[str]]):
-        self.name, self.root, self.args = name, output / name, args
-        self.train_overrides, self.sections = train_overrides, sections
-        self.tokenizer, self.codes, self.prior, self.samples = (self.root / d for d in ("tokenizer", "codes", "prior", "samples"))
-
-    def train_tokenizer(self) -> None:
-        config = ["--config", str(self.args.config)] if self.args.config else []
-        run_job("pipelines.train_tokenizer", ["--output", str(self.tokenizer), *config, *self.train_overrides,
-                                              *MODELS[self.name]], f"training {self.name}'s tokenizer")
-
-    def evaluate(self) -> dict[str, Any]:
-        run_job("pipelines.evaluate", ["--run", str(self.root), *self.sections["eval"]], f"evaluating {self.name}")
-        return read_json(self.root / "eval" / "report.json")
-
-    def generate(self) -> dict[str, Any]:
-        """Codes, prior and samples; returns the prior's and the samples' metrics."""
-        run_job("pipelines.extract_codes", ["--tokenizer", str(self.tokenizer), "--output", str(self.codes)],
-                f"extracting {self.name}'s codes")
-        run_job("pipelines.train_prior", ["--codes", str(self.codes), "--output", str(self.prior), "--config",
-                                          str(self.args.prior_config), *self.sections["prior"]], f"training {self.name}'s prior")
-        run_job("pipelines.sample", ["--tokenizer", str(self.tokenizer), "--prior", str(self.prior), "--output",
-                                     str(self.samples), *self.sections["sample"]], f"sampling {self.name}")
-        return {"prior": read_json(self.prior / "metrics.json"), "samples": read_json(self.samples / "metrics.json")}
-
-    def class_rows(self, per_class: int = 8) -> torch.Tensor | None:
-        """Up to `per_class` samples of each class as (classes, n, C, H, W); sample i has class i % classes."""
-        metrics = read_json(self.samples / "metrics.json") or {}
-        files = sorted((self.samples / "images").glob("*.png"))
-        classes = max(1, int(metrics.get("num_classes") or 1))
-        per_class = min(per_class, len(files) // classes)
-        if per_class < 1:
-            return None
-        rows = [[files[c + classes * j] for j in range(per_class)] for c in range(classes)]
-        load = lambda path: torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1) / 255.0
-        return torch.stack([torch.stack([load(p) for p in row]) for row in rows])
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -157,44 +65,6 @@ def quantizer_summary(settings: dict[str, Any]) -> str:
     """The settings that matter for this quantizer, as its registry entry states them."""
     cfg = from_dict(QuantizerConfig, settings, prefix="quantizer.")
     return cfg.spec.summary(cfg)
-
-
-def table_row(name: str, report: dict[str, Any], generation: dict[str, Any] | None) -> dict[str, Any]:
-    section = report["tokenizer_eval"]
-    book, lp, rfid = section["codebook"], section["lpips"], section["rfid"]
-    row = {
-        "model": name,
-        "description": DESCRIPTIONS[name],
-        "quantizer": report["quantizer_settings"],
-        "ssim": section["ssim"],
-        "psnr": section["psnr"],
-        "lpips": lp["lpips"] if lp.get("available") else None,
-        "lpips_unavailable_reason": None if lp.get("available") else lp.get("reason"),
-        "rfid": rfid["fid"] if rfid.get("available") else None,
-        "perplexity": book["perplexity"],
-        "usage": book["usage"],
-        "dead_codes": book["dead_codes"],
-        "codebook_size": book["codebook_size"],
-        "codes_used_per_position": book["per_position"]["codes_used_per_position"]["mean"],
-        "train_seconds": report["training"].get("train_seconds"),
-        "steps": report["training"].get("steps"),
-        "num_test_images": report["num_test_images"],
-        "report": str(Path(report["run"]) / "eval" / "report.md"),
-        "prior_val_bits_per_code": None,
-        "prior_test_bits_per_code": None,
-        "generation_fid": None,
-        "sampling_seconds": None,
-    }
-    if generation:
-        prior, samples = generation["prior"] or {}, generation["samples"] or {}
-        fid = samples.get("fid") or {}
-        row.update(prior_val_bits_per_code=prior.get("val_bits_per_token"),
-                   prior_test_bits_per_code=prior.get("test_bits_per_token"),
-                   prior_train_seconds=prior.get("train_seconds"),
-                   generation_fid=fid.get("fid"), generation_fid_num_samples=fid.get("num_samples"),
-                   generation_fid_num_reference_images=fid.get("num_reference_images"),
-                   sampling_seconds=samples.get("sampling_seconds"))
-    return row
 
 
 def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]], budget: dict[str, Any]) -> str:
@@ -221,22 +91,24 @@ def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]],
     lines += [
         "",
         "| Model | SSIM | PSNR (dB) | LPIPS | rFID | Perplexity | Usage | Dead codes | Prior val/test bits/code | "
-        "Generation FID | Sampling (s) | Train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Generation FID | Sampling (s) | Train time (s) | Step time vs vqvae |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['ssim']:.4f} | {row['psnr']:.2f} | {_cell(row['lpips'], '.4f')} | "
             f"{_cell(row['rfid'], '.2f')} | {row['perplexity']:.1f} / {row['codebook_size']} | {100 * row['usage']:.1f}% | "
             f"{row['dead_codes']} | {_cell(row['prior_val_bits_per_code'], '.3f')} / {_cell(row['prior_test_bits_per_code'], '.3f')} | "
-            f"{_cell(row['generation_fid'], '.2f')} | {_cell(row['sampling_seconds'], '.1f')} | {_cell(row['train_seconds'], '.1f')} |"
+            f"{_cell(row['generation_fid'], '.2f')} | {_cell(row['sampling_seconds'], '.1f')} | {_cell(row['train_seconds'], '.1f')} | "
+            f"{_cell(row.get('step_time_vs_vqvae'), '.2f')} |"
         )
     lines.append("")
     lines += [f"- {row['model']}: {row['description']}; {quantizer_summary(row['quantizer'])}; report `{row['report']}`"
               for row in rows]
     reasons = {row["lpips_unavailable_reason"] for row in rows if row["lpips_unavailable_reason"]}
     lines += [f"- LPIPS unavailable: {reason}" for reason in reasons]
-    lines += ["- Train time: wall-clock seconds of the tokenizer's training loop on the machine that trained it.",
+    lines += ["- Train time: wall-clock seconds of the tokenizer's training loop on the machine that trained it; step "
+              "time vs vqvae: its seconds per step over vqvae's in this comparison (n/a without vqvae).",
               "- Code usage histograms side by side: `codebook_usage.png`; samples, one row per class: `samples.png`.", ""]
     return "\n".join(lines)
 
@@ -249,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="training key=value, models=[...], eval.k=v, prior.k=v, sample.k=v")
     args = parser.parse_args(argv)
     output = Path(args.output)
-    models, sections, train_overrides, generation = split_overrides(args.overrides)
+    options, sections, train_overrides = split_overrides(args.overrides, ("models", "generation"))
+    models = model_list(options.get("models", list(MODELS)))
+    generation = true_or_false("generation", options.get("generation", True))
     sections["eval"] = [*DEFAULT_EVAL, *sections["eval"]]
     sections["sample"] = [*DEFAULT_SAMPLE, *sections["sample"]]
     # Every setting of every step is built and checked before anything runs.
@@ -260,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         cfgs[name] = load_config(TokenizerJobConfig, args.config, [*train_overrides, *MODELS[name]])
         cfgs[name].tokenizer_config()
-    runs = {name: ModelRun(name, output, args, train_overrides, sections) for name in models}
+    runs = {name: ModelRun(name, output, args.config, args.prior_config, train_overrides, sections) for name in models}
     settings = {"models": models, "generation": generation, "tokenizers": {n: to_dict(c) for n, c in cfgs.items()},
                 "eval": to_dict(eval_cfg), "prior": to_dict(prior_cfg), "sample": to_dict(sample_cfg)}
     with claim_folder(output, "compare", settings, owned=COMPARE_OUTPUTS):
@@ -290,6 +164,7 @@ def compare(args, output: Path, models: list[str], cfgs: dict[str, TokenizerJobC
                                 "num_samples": sample_cfg.num_samples, "fid_reference_images": sample_cfg.fid_reference_images,
                                 "sample_settings": to_dict(sample_cfg)}
     rows = [table_row(name, reports[name], generated.get(name)) for name in models]
+    add_step_time_ratios(rows)
     # table.json, what says the comparison is complete, last.
     atomic_write_text(output / "table.md", render_table(rows, reports, budget))
     save_usage_histograms({name: torch.tensor(reports[name]["code_counts"]) for name in models}, output / "codebook_usage.png")

@@ -276,9 +276,9 @@ def model_summary(demo: DemoRun) -> str:
                      f"{tok.get('ssim', float('nan')):.4f}")
     prior = _read_json(run / "prior" / "metrics.json")
     if prior:
-        lines.append(f"- **Prior**: {prior.get('val_bits_per_token', float('nan')):.3f} bits per code on the validation "
-                     f"codes, {prior.get('test_bits_per_token', float('nan')):.3f} on the test codes (a uniform guess: "
-                     f"{prior.get('uniform_bits_per_token', float('nan')):.1f})")
+        lines.append(f"- **Prior**: {prior.get('val_bits_per_code', float('nan')):.3f} bits per code on the validation "
+                     f"codes, {prior.get('test_bits_per_code', float('nan')):.3f} on the test codes (a uniform guess: "
+                     f"{prior.get('uniform_bits_per_code', float('nan')):.1f})")
     samples = _read_json(run / "samples" / "metrics.json")
     fid = (samples or {}).get("fid") or {}
     if fid:

@@ -109,8 +109,11 @@ def _evaluate(run: Path, tokenizer_dir: Path, samples_dir: Path, cfg: EvalConfig
     reference = None
     try:
         if cfg.rfid or cfg.fid:
-            reference = FIDReference(subset, data_cfg.name, data_cfg.image_size, Path(data_cfg.root) / "fid_stats",
-                                     cfg.protocol, cfg.extractor, device, cfg.fid_batch_size)
+            fid_count = count if cfg.rfid_images is None else min(cfg.rfid_images, count)
+            reference_images = subset if fid_count == count else Subset(subset, range(fid_count))
+            reference = FIDReference(reference_images, data_cfg.name, data_cfg.image_size,
+                                     Path(data_cfg.root) / "fid_stats", cfg.protocol, cfg.extractor, device,
+                                     cfg.fid_batch_size)
         section, counts = evaluate_reconstructions(
             tokenizer, subset, batch_size=cfg.batch_size, device=device, protocol=cfg.protocol, lpips=cfg.lpips,
             fid_reference=reference if cfg.rfid else None, progress=progress,

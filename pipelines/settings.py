@@ -98,6 +98,10 @@ class EvalConfig:
     batch_size: int = 256
     fid_batch_size: int = 50
     rfid: bool = True
+    # rFID on the first N evaluated test images, reconstructions and reference alike (null: all of them; Inception
+    # features are the slow part on a CPU, while usage needs every image at large codebooks). With fid=true the
+    # samples are scored against the same N images.
+    rfid_images: int | None = None
     fid: bool = True  # FID of <run>/samples/images (skipped with a reason when there are none)
     lpips: bool = True
     samples: str | None = None  # a folder of sample images; default <run>/samples/images
@@ -107,5 +111,7 @@ class EvalConfig:
     def validate(self) -> None:
         if self.num_images is not None and self.num_images < 2:
             raise ConfigError(f"num_images must be at least 2 (FID needs 2 images per side) or null, got {self.num_images}")
+        if self.rfid_images is not None and self.rfid_images < 2:
+            raise ConfigError(f"rfid_images must be at least 2 (FID needs 2 images per side) or null, got {self.rfid_images}")
         if self.batch_size < 1 or self.fid_batch_size < 1:
             raise ConfigError(f"batch_size and fid_batch_size must be positive, got {self.batch_size} and {self.fid_batch_size}")

@@ -3,7 +3,7 @@
     python -m pipelines.train_prior --codes runs/default/codes --output runs/default/prior [--config configs/prior.yaml] key=value ...
     accelerate launch --multi_gpu --num_processes 2 -m pipelines.train_prior ...   (same flags)
 
-Vocabulary size, sequence length and classes come from the code files. Validation NLL (bits per code, `*_bits_per_token` in metrics.json) is measured
+Vocabulary size, sequence length and classes come from the code files. Validation NLL (bits per code, `*_bits_per_code` in metrics.json) is measured
 on the val codes at every evaluation; the best weights are exported with `save_pretrained` (config.json +
 model.safetensors, written last) into the output folder, with metrics.json holding the final validation and test
 NLL. The test codes are only ever scored, never trained on.
@@ -79,7 +79,7 @@ def bits_per_code(prior: CodePrior, codes: CodeSet, batch_size: int, accelerator
 class PriorTask(TrainingTask):
     name = "prior"
     job = "train_prior"
-    validation_metric = "val/bits_per_token"
+    validation_metric = "val/bits_per_code"
 
     def __init__(self, cfg: PriorJobConfig, codes_dir: Path, given: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -104,10 +104,10 @@ class PriorTask(TrainingTask):
     def training_step(self, model, batch, step, accelerator):
         codes, labels = (t.to(accelerator.device, non_blocking=True) for t in batch)
         loss = model(codes, labels if self.prior_cfg.class_conditional else None)
-        return loss, {"bits_per_token": float(loss.detach()) / math.log(2)}
+        return loss, {"bits_per_code": float(loss.detach()) / math.log(2)}
 
     def progress(self, logs):
-        return {"bits": f"{logs['bits_per_token']:.3f}"}
+        return {"bits": f"{logs['bits_per_code']:.3f}"}
 
     def validate(self, model, accelerator) -> float:
         return bits_per_code(model, self.val, self.cfg.train.eval_batch_size, accelerator)
@@ -121,11 +121,11 @@ class PriorTask(TrainingTask):
         test_bpc = bits_per_code(model, self.codes["test"], batch, accelerator)
         cfg = self.prior_cfg
         return {
-            "val_bits_per_token": val_bpc,
-            "test_bits_per_token": test_bpc,
+            "val_bits_per_code": val_bpc,
+            "test_bits_per_code": test_bpc,
             "val_nll_nats_per_token": val_bpc * math.log(2),
             "test_nll_nats_per_token": test_bpc * math.log(2),
-            "uniform_bits_per_token": math.log2(cfg.codebook_size),
+            "uniform_bits_per_code": math.log2(cfg.codebook_size),
             "num_train_sequences": len(self.codes["train"].codes),
             "sequence_length": cfg.sequence_length,
             "codebook_size": cfg.codebook_size,
@@ -134,8 +134,8 @@ class PriorTask(TrainingTask):
         }
 
     def summary(self, metrics):
-        return (f"prior: validation {metrics['val_bits_per_token']:.3f} bits/code, test {metrics['test_bits_per_token']:.3f} "
-                f"(uniform: {metrics['uniform_bits_per_token']:.1f}); wrote metrics.json")
+        return (f"prior: validation {metrics['val_bits_per_code']:.3f} bits/code, test {metrics['test_bits_per_code']:.3f} "
+                f"(uniform: {metrics['uniform_bits_per_code']:.1f}); wrote metrics.json")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PriorJobConfig, Path, Path, dict[str, Any]]:

@@ -1,34 +1,36 @@
 """Exact optimal transport between K weighted codewords and B uniform latents, for K much larger than B.
 
 Why a solver of our own: POT's network simplex treats the K x B problem as a generic graph of K + B nodes.
-Here the latent side is small (B = 32 against K = 512), so the dual can be searched over the B latent
-potentials alone: every codeword goes whole to its cheapest latent under the current potentials, and only
-the latents' loads are out of balance. Successive shortest paths then move codeword mass between latents
-over a B x B graph whose edge (i, j) is the cheapest move of one of latent i's codewords to latent j.
-Each step keeps reduced costs nonnegative and the plan on tight edges, so the result is an exact optimum
-(not an approximation), certified at the end by the duality gap; see ``solve_position``.
+Here the latent side is small (B = 32 against K = 512 to 16,384), so the dual can be searched over the B latent
+potentials alone: every codeword goes whole to its cheapest latent under the current potentials, and only the
+latents' loads are out of balance. Successive shortest paths then move codeword mass between latents over a B x B
+graph whose edge (i, j) is the cheapest move of one of latent i's codewords to latent j. Each step keeps reduced
+costs nonnegative and the plan on tight edges, so the result is an exact optimum (not an approximation), certified
+at the end by the duality gap; see ``solve_position``.
 
-Two things keep the number of shortest paths small. Sweeps of coordinate ascent balance the loads before
-the first path (each removes 40-60% of the imbalance; they repeat while it stays large). And the problem is
-first solved with every codeword at the same mass: an integral problem in which each path moves one whole
-codeword; the true (near-uniform, learned) masses then only need small corrections. With the true masses from
-the start, fractional leftovers multiply the paths by about 3.5.
-
-Cost per problem on a trained tokenizer's latents (K = 512, B = 32, learned weights within 3% of uniform,
-one core): about 0.33 ms, 88 paths (2 sweeps), against 2.1 ms for POT's network simplex; on a fresh
-tokenizer's latents (every codeword near the origin) 0.27 ms, 50 paths (3 sweeps). Where the time goes, and why
-the loops look as they do: the passes over all K x B costs (the sweep, the first assignment, the certificate)
-are written branch-free over contiguous rows so that they vectorize; the sweep's order statistic skips most
-values with bounds from group minima; Dijkstra relaxes with a settled-latent penalty instead of a branch;
-a codeword leaving a latent recomputes that latent's row of moves in one vectorized pass. The compiled code
-is cached (numba ``cache=True``), so only the first run on a machine pays the compilation (seconds).
+What keeps the cost near-linear in K x B (``make bench`` has the figures):
+- A sweep of coordinate ascent balances the loads before the first path; each latent's price is an order
+  statistic, found by group bounds and a linear-time selection (a quadratic step here once made a sweep grow
+  with K^2 / B).
+- The problem is first solved with every codeword at the same mass: an integral problem in which each path moves
+  one whole codeword; the true (learned) masses then only need corrections. With the true masses from the start,
+  fractional leftovers multiply the paths.
+- Each edge keeps its cheapest and its second-cheapest move. A codeword that leaves a latent passes its moves to
+  the runner-up; only a move whose runner-up is unknown is recomputed, from one cost row over that latent's
+  codewords (recomputing the latent's whole row of moves made every path cost O(K)).
+- Work arrays are allocated once per run of problems and cleared only where a problem wrote (large allocations
+  per problem cost page faults that threads contend for), and float32 costs stay float32.
+- The plan leaves the solver compactly (one latent and mass per codeword, plus the few split codewords), and the
+  products the gradients need are formed codeword-major over all positions (``plan_products``) instead of one
+  K x D accumulation per position.
+The passes over all K x B costs are written branch-free over contiguous rows so that they vectorize, and the
+compiled code is cached (numba ``cache=True``), so only the first run on a machine pays the compilation.
 
 Layout: C[k, i] = ||codebook[k] - latent[i]||^2 with codeword weights ``a`` (K,) and latent weights ``b`` (B,);
 the solver takes C transposed, CT (B, K), and writes the plan transposed, X (B, K): the layout in which one matrix
 product gives every position's costs as one contiguous block. Outputs besides X: codeword potentials q (K,),
 latent potentials p (B,), with q[k] + p[i] <= C[k, i] everywhere and equality wherever X[i, k] > 0.
-``solve_positions`` (the batched entry point) hands back the products the gradients need, computed from the
-plan's nonzeros, instead of the plan.
+``solve_positions`` (the batched entry point) hands back the plans compactly (``plan_buffers``) instead of dense.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ import numpy as np
 from numba import njit
 
 INF = np.inf
-# Statuses of solve_position: the caller falls back to POT on NO_PROGRESS or GAP, and rejects NON_FINITE input.
-OK, NO_PROGRESS, GAP, NON_FINITE = 0, 1, 2, 3
+# Statuses of solve_position: the caller falls back to POT on NO_PROGRESS, GAP or OVERFLOW (more split codewords
+# than ``plan_buffers`` holds), and rejects NON_FINITE input.
+OK, NO_PROGRESS, GAP, NON_FINITE, OVERFLOW = 0, 1, 2, 3, 4
 STATUS_NAMES = {OK: "optimal", NO_PROGRESS: "no augmenting path", GAP: "duality gap above tolerance",
-                NON_FINITE: "cost or weights not finite"}
+                NON_FINITE: "cost or weights not finite", OVERFLOW: "more split codewords than the plan buffer holds"}
 _MAX_SWEEPS = 4
 
 
@@ -95,22 +98,15 @@ def _below_group_bound(values, n, m, out, group_min):
 @njit(cache=True, nogil=True)
 def _smallest(values, m, buf):
     """The m-th smallest of values (1 <= m <= len(values)); buf: work space of 3 * len(values). Two rounds of
-    group bounds leave a few times m candidates; the answer is the largest candidate with fewer than m
-    candidates below it (quadratic in the candidates, but branch-free and vectorized)."""
+    group bounds (branch-free, vectorized) leave a few times m candidates, and a selection (linear time) picks the
+    answer among them."""
     n = values.shape[0]
     first = buf[:n]
     second = buf[n : 2 * n]
     group_min = buf[2 * n :]
     c = _below_group_bound(values, n, m, first, group_min)
     c = _below_group_bound(first, c, m, second, group_min)
-    result = -INF
-    for x in range(c):
-        t = second[x]
-        below = 0
-        for y in range(c):
-            below += second[y] < t
-        result = max(result, t if below < m else -INF)
-    return result
+    return np.partition(second[:c], m - 1)[m - 1]
 
 
 @njit(cache=True, nogil=True)
@@ -148,30 +144,34 @@ def _nearest_latents(CT, p, stride, best, near):
 
 
 @njit(cache=True, nogil=True)
-def _sampled_imbalance(CT, p, a, b, stride):
+def _sampled_imbalance(CT, p, a, b, stride, best, near):
     """The load imbalance (in codewords, as ``_balance_potentials`` returns it) under potentials p, estimated from
-    every stride-th codeword: a cheap way to compare starting points."""
-    K = CT.shape[1]
-    near = np.empty(K, np.int64)
-    _nearest_latents(CT, p, stride, np.empty(K), near)
+    every stride-th codeword: a cheap way to compare starting points. best, near: work space of K entries."""
+    _nearest_latents(CT, p, stride, best, near)
     return _excess_load(near, a, b, stride)
 
 
 @njit(cache=True, nogil=True)
-def _balance_potentials(CT, a, b, p):
+def _balance_potentials(CT, a, b, p, floats, ints):
     """One sweep of coordinate ascent on the latent potentials, for codewords of equal mass (those of ``a`` > 0):
     latent i in turn takes the price at which as many codewords prefer it as make up b[i]. Cheap and not
     optimal (the dual is not smooth), but each sweep cuts the load imbalance, hence the number of shortest
-    paths, by 40-60%. Returns the imbalance left, in codewords: the sum over latents of their excess load
-    (approximate: from the sweep's own bookkeeping)."""
+    paths, by a large share. Returns the imbalance left, in codewords: the sum over latents of their excess load
+    (approximate: from the sweep's own bookkeeping). Work space: floats (7K,) float32 and ints (2K,) int32."""
     B, K = CT.shape
-    best1 = np.full(K, INF)
-    best2 = np.full(K, INF)
-    arg1 = np.full(K, -1, np.int64)
-    arg2 = np.full(K, -1, np.int64)
-    thresh = np.empty(K)
-    buf = np.empty(3 * K)
-    massless = np.empty(K)  # +inf for codewords without mass: never counted
+    # Single precision and 32-bit indices: the potentials found here only shorten the exact stage that follows, and
+    # a smaller working set stays in a core's cache.
+    best1 = floats[:K]
+    best2 = floats[K : 2 * K]
+    thresh = floats[2 * K : 3 * K]
+    massless = floats[3 * K : 4 * K]  # +inf for codewords without mass: never counted
+    buf = floats[4 * K : 7 * K]
+    arg1 = ints[:K]
+    arg2 = ints[K : 2 * K]
+    best1[:] = INF
+    best2[:] = INF
+    arg1[:] = -1
+    arg2[:] = -1
     unit = 0.0
     positive = 0
     for k in range(K):
@@ -185,7 +185,7 @@ def _balance_potentials(CT, a, b, p):
         m = min(positive, max(1, int(np.ceil(b[i] / unit - 1e-9))))
         row = CT[i]
         for k in range(K):  # codeword k prefers latent i once p[i] >= thresh[k]
-            thresh[k] = row[k] - (best2[k] if arg1[k] == i else best1[k]) + massless[k]
+            thresh[k] = np.float32(row[k] - (best2[k] if arg1[k] == i else best1[k]) + massless[k])
         p[i] = _smallest(thresh, m, buf)
         _lower_two(row, p[i], i, best1, best2, arg1, arg2)
     return _excess_load(arg1, a, b, 1)
@@ -193,16 +193,63 @@ def _balance_potentials(CT, a, b, p):
 
 @njit(cache=True, nogil=True, inline="always")
 def _offer_moves(move, move_code, i, C, k, qk):
-    """Codeword k (potential qk, relative to latent i's offset) joins latent i's candidates for every move i -> l."""
-    for l in range(move.shape[1]):
+    """Codeword k (potential qk, relative to latent i's offset) joins latent i's candidates for every move i -> l:
+    move[0, i, l] / move_code[0, i, l] keep the cheapest, move[1] / move_code[1] the second cheapest (branch-free)."""
+    for l in range(move.shape[2]):
         v = C[k, l] - qk
-        lower = v < move[i, l]
-        move[i, l] = v if lower else move[i, l]
-        move_code[i, l] = k if lower else move_code[i, l]
+        b1 = move[0, i, l]
+        b2 = move[1, i, l]
+        c1 = move_code[0, i, l]
+        c2 = move_code[1, i, l]
+        lo = v < b1
+        mid = v < b2
+        move[1, i, l] = b1 if lo else (v if mid else b2)
+        move_code[1, i, l] = c1 if lo else (k if mid else c2)
+        move[0, i, l] = v if lo else b1
+        move_code[0, i, l] = k if lo else c1
 
 
 @njit(cache=True, nogil=True)
-def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move, move_code, mass_tol,
+def _withdraw_moves(move, move_code, i, CT, k, codes, code_pot, count):
+    """Codeword k has left latent i (whose list is codes[i, :count]): where it held the cheapest move i -> l, the
+    runner-up takes its place; a runner-up that leaves, or is promoted, leaves its place unknown (-inf, which
+    ``_offer_moves`` fills only with the old first). Only a move whose runner-up is unknown is recomputed, from
+    that target's cost row CT[l] over latent i's list."""
+    B = move.shape[2]
+    for l in range(B):
+        first = move_code[0, i, l] == k
+        second = move_code[1, i, l] == k
+        if not (first or second):
+            continue
+        if second or move_code[1, i, l] >= 0:
+            if first:
+                move[0, i, l] = move[1, i, l]
+                move_code[0, i, l] = move_code[1, i, l]
+            move[1, i, l] = -INF
+            move_code[1, i, l] = -1
+            continue
+        b1 = INF
+        b2 = INF
+        c1 = -1
+        c2 = -1
+        row = CT[l]
+        for s in range(count):
+            kk = codes[i, s]
+            v = row[kk] - code_pot[i, s]
+            lo = v < b1
+            mid = v < b2
+            b2 = b1 if lo else (v if mid else b2)
+            c2 = c1 if lo else (kk if mid else c2)
+            b1 = v if lo else b1
+            c1 = kk if lo else c1
+        move[0, i, l] = b1
+        move[1, i, l] = b2
+        move_code[0, i, l] = c1
+        move_code[1, i, l] = c2
+
+
+@njit(cache=True, nogil=True)
+def _shortest_paths(C, CT, X, excess, p, codes, code_pot, count, slot, offset, move, move_code, mass_tol,
                     max_augmentations):
     """Successive shortest paths until every latent balances within mass_tol; returns (status, augmentations)."""
     K, B = C.shape
@@ -253,7 +300,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
             settled += 1
             base = di - offset[i]
             for j in range(B):
-                nd = base + move[i, j] - p[j] + closed[j]
+                nd = base + move[0, i, j] - p[j] + closed[j]
                 lower = nd < key[j]
                 key[j] = nd if lower else key[j]
                 pred[j] = i if lower else pred[j]
@@ -269,7 +316,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
         delta = -excess[target]
         while pred[node] != -1:
             i = pred[node]
-            k = move_code[i, node]
+            k = move_code[0, i, node]
             hop_from[hops] = i
             hop_to[hops] = node
             hop_code[hops] = k
@@ -309,15 +356,7 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
                 slot[last, i] = r
                 slot[k, i] = -1
                 count[i] = c
-                stale = False
-                for l in range(B):
-                    stale |= move_code[i, l] == k
-                if stale:  # recompute latent i's row of moves, one contiguous cost row per codeword
-                    for l in range(B):
-                        move[i, l] = INF
-                        move_code[i, l] = -1
-                    for s in range(c):
-                        _offer_moves(move, move_code, i, C, codes[i, s], code_pot[i, s])
+                _withdraw_moves(move, move_code, i, CT, k, codes, code_pot, c)
             else:
                 X[i, k] = rest
         excess[target] = 0.0 if delta >= -excess[target] else excess[target] + delta
@@ -328,20 +367,44 @@ def _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move,
 
 
 @njit(cache=True, nogil=True)
-def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
-    """``solve_position``, also returning the plan's support: latent i holds codewords codes[i, :count[i]]."""
+def _workspace(B, K, dtype):
+    """Arrays one problem of B latents and K codewords works in, allocated once for a run of problems: large
+    allocations freed and made again per problem cost page faults, which threads solving side by side contend for.
+    ``slot`` is all -1 between problems (``_release``)."""
+    C = np.empty((K, B), dtype)
+    codes = np.empty((B, K), np.int32)
+    code_pot = np.empty((B, K))
+    slot = np.full((K, B), -1, np.int32)
+    floats = np.empty(7 * K, np.float32)
+    ints = np.empty(2 * K, np.int32)
+    extra = np.empty((3, K))
+    return C, codes, code_pot, slot, floats, ints, extra
+
+
+@njit(cache=True, nogil=True)
+def _release(slot, codes, count):
+    """Clears the entries of ``slot`` a problem set (its lists' entries), instead of all K x B."""
+    for i in range(count.shape[0]):
+        for s in range(count[i]):
+            slot[codes[i, s], i] = -1
+
+
+@njit(cache=True, nogil=True)
+def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
+    """``solve_position``, also returning the plan's support: latent i holds codewords codes[i, :count[i]]. X must be
+    all zero on entry (clearing only the support afterwards is much cheaper than clearing B x K entries)."""
     B, K = CT.shape
-    C = np.empty((K, B))
+    # C: CT transposed, the same values (float32 costs stay float32: half the memory traffic).
+    C, codes, code_pot, slot, sweep_floats, sweep_ints, extra = work
+    count = np.zeros(B, np.int64)
     finite = True
-    for k0 in range(0, K, 8):  # blocked transpose: a cache line of CT at a time
-        k1 = min(k0 + 8, K)
+    for k0 in range(0, K, 16):  # blocked transpose: a cache line of CT at a time; the finiteness check on the way
+        k1 = min(k0 + 16, K)
         for i in range(B):
             for k in range(k0, k1):
-                C[k, i] = CT[i, k]
-    for i in range(B):
-        for k in range(K):
-            if not abs(CT[i, k]) < INF:
-                finite = False
+                v = CT[i, k]
+                C[k, i] = v
+                finite &= abs(v) < INF
     positive = 0
     for k in range(K):
         if not abs(a[k]) < INF:
@@ -349,8 +412,7 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
         if a[k] > 0:
             positive += 1
     if not finite:
-        return 0.0, NON_FINITE, 0, np.empty((0, 0), np.int32), np.empty(0, np.int64)
-    X[:, :] = 0.0
+        return 0.0, NON_FINITE, 0, codes, count
     p[:] = 0.0
     unit = 1.0 / positive
     same_mass = True
@@ -360,13 +422,12 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     if same_mass:
         unit_a = a
     else:
-        unit_a = np.empty(K)
+        unit_a = extra[0]
         for k in range(K):
             unit_a[k] = unit if a[k] > 0 else 0.0
     # Start from p = 0 or from each latent's mean cost, whichever leaves fewer codewords in excess. The mean
     # cancels the |latent|^2 part of the cost, which decides every codeword's preference while the codebook is
-    # still near the origin (a fresh tokenizer: imbalance 494 -> 180 codewords of 512, 20-25% faster solves);
-    # with a trained codebook p = 0 is better (155 against 382).
+    # still near the origin (a fresh tokenizer); with a trained codebook p = 0 is usually better.
     if B > 1:
         centred = np.empty(B)
         for i in range(B):
@@ -374,32 +435,31 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
             for k in range(0, K, 8):
                 total += CT[i, k]
             centred[i] = total / ((K + 7) // 8)
-        if _sampled_imbalance(CT, centred, unit_a, b, 8) < _sampled_imbalance(CT, p, unit_a, b, 8):
+        best, near = extra[1], sweep_ints[:K]
+        if (_sampled_imbalance(CT, centred, unit_a, b, 8, best, near)
+                < _sampled_imbalance(CT, p, unit_a, b, 8, best, near)):
             p[:] = centred
-    # Sweeps while the loads are far from balanced. One sweep costs about as much as 2K/B shortest paths and
-    # removes 40-60% of the imbalance: a trained tokenizer's latents need 1-2 (imbalance 156 -> 87 -> 56 codewords
-    # of 512 at B = 32), a fresh one's, with every codeword near the origin, 3 (494 -> 198 -> 87 -> 43).
+    # Sweeps while the loads are far from balanced: a sweep costs a few passes over the costs and removes a large
+    # share of the imbalance, hence of the shortest paths; a trained tokenizer's latents need one or two, a fresh
+    # one's (every codeword near the origin) a few more.
     sweeps = 0
     while B > 1 and sweeps < _MAX_SWEEPS:
         sweeps += 1
-        if _balance_potentials(CT, unit_a, b, p) <= 4.0 * K / B:
+        if _balance_potentials(CT, unit_a, b, p, sweep_floats, sweep_ints) <= 4.0 * K / B:
             break
 
     # Every codeword to its cheapest latent; lists of each latent's codewords with positive mass. A codeword's
     # potential is stored per list entry relative to the latent's offset, so a potential update is O(B).
-    codes = np.empty((B, K), np.int32)
-    code_pot = np.empty((B, K))  # q[k] = code_pot[i, slot] + offset[i] for k = codes[i, slot]
-    count = np.zeros(B, np.int64)
-    slot = np.full((K, B), -1, np.int32)
+    # q[k] = code_pot[i, s] + offset[i] for k = codes[i, s], and slot[k, i] = s (-1 where k is not on i's list).
     offset = np.zeros(B)
     excess = np.empty(B)
     for j in range(B):
         excess[j] = -b[j]
-    # move[i, j]: min over latent i's codewords k of C[k, j] - q[k] (+ offset[i]); its reduced cost is
-    # move[i, j] - offset[i] - p[j], and move_code[i, j] is that k.
-    move = np.full((B, B), INF)
-    move_code = np.full((B, B), -1, np.int32)
-    near = np.empty(K, np.int64)
+    # move[0, i, j]: min over latent i's codewords k of C[k, j] - q[k] (+ offset[i]); its reduced cost is
+    # move[0, i, j] - offset[i] - p[j], and move_code[0, i, j] is that k; move[1], move_code[1]: the runner-up.
+    move = np.full((2, B, B), INF)
+    move_code = np.full((2, B, B), -1, np.int32)
+    near = sweep_ints[:K]
     _nearest_latents(CT, p, 1, q, near)
     for k in range(K):
         if a[k] > 0:
@@ -419,7 +479,7 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     # practice; stage 2 rescales the masses in place (same support, so the potentials stay feasible and tight) and
     # finishes with the true weights. Exactness does not depend on this: it only shortens the path count.
     max_augmentations = 50 * (K + B) + 1000
-    status, augmentations = _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move, move_code,
+    status, augmentations = _shortest_paths(C, CT, X, excess, p, codes, code_pot, count, slot, offset, move, move_code,
                                             mass_tol, max_augmentations)
     if status != OK:
         return 0.0, status, augmentations, codes, count
@@ -431,7 +491,7 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
                 k = codes[i, s]
                 X[i, k] *= a[k] / unit
                 excess[i] += X[i, k]
-        status, more = _shortest_paths(C, X, excess, p, codes, code_pot, count, slot, offset, move, move_code,
+        status, more = _shortest_paths(C, CT, X, excess, p, codes, code_pot, count, slot, offset, move, move_code,
                                        mass_tol, max_augmentations)
         augmentations += more
         if status != OK:
@@ -454,8 +514,10 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
             k = codes[i, s]
             cost += X[i, k] * C[k, i]
     # Per-codeword running extremes (elementwise, so the loop vectorizes), reduced once at the end.
-    largest = np.zeros(K)
-    slack = np.zeros(K)
+    largest = extra[1]
+    slack = extra[2]
+    largest[:] = 0.0
+    slack[:] = 0.0
     for j in range(B):
         row = CT[j]
         pj = p[j]
@@ -485,74 +547,145 @@ def solve_position(CT, a, b, X, q, p, mass_tol, gap_tol):
     ``status`` is OK only when the plan balances within ``mass_tol`` and its cost equals the dual objective
     a.q + b.p within ``gap_tol`` (relative), with q + p <= C up to the same tolerance: a certificate of
     optimality computed from the outputs themselves."""
-    cost, status, augmentations, _, _ = _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol)
+    X[:, :] = 0.0
+    cost, status, augmentations, _, _ = _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol,
+                                                        _workspace(CT.shape[0], CT.shape[1], CT.dtype))
     return cost, status, augmentations
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _add_entry_products(x, k, z_row, codebook, pc_row, ptz, pcol):
-    """Plan entry x between codeword k and a latent z_row: its share of the products ``solve_positions`` returns."""
-    pcol[k] += x
-    for d in range(z_row.shape[0]):
-        pc_row[d] += x * codebook[k, d]
-        ptz[k, d] += x * z_row[d]
+def plan_buffers(M, K, B):
+    """Where ``solve_positions`` leaves the plans, compactly: owner[m, k] is the latent holding codeword k's mass
+    share[m, k] at position m (-1: none), and a codeword split over several latents puts the other parts in the
+    extra_* lists (at most B - 1 per position in a basic solution; room for 4B)."""
+    room = 4 * B  # owner and share are filled position by position (record_dense_plan, solve_positions)
+    return (np.empty((M, K), np.int32), np.empty((M, K)), np.empty((M, room), np.int64),
+            np.empty((M, room), np.int64), np.empty((M, room)), np.zeros(M, np.int64))
 
 
 @njit(cache=True, nogil=True)
-def solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, Ps, PTz, Pcol, mass_tol, gap_tol):
-    """``solve_position`` over ``positions`` (one call per run of positions a thread takes), returning what the
-    gradients need instead of the (mostly zero) plans. C_t (M, B, K) costs (float32 or float64), A (M, K) weights,
-    Z (M, B, D) latents, codebook (K, D). Per position m: costs[m], potentials U[m] (K,) and V[m] (B,), centred as
-    POT's ``center_ot_dual`` does (a.u = b.v), status[m]; with P_m the plan (B, K): Pc[m] = P_m codebook (B, D) and
-    Ps[m] = P_m's row sums (B,). Summed over the positions solved here (added to what the arrays hold):
-    PTz += P_m^T Z[m] (K, D) and Pcol += P_m's column sums (K,). Products only for positions solved with status OK."""
-    Mn, B, K = C_t.shape
-    X = np.empty((B, K))
-    for r in range(positions.shape[0]):
-        m = positions[r]
-        cost, st, _, codes, count = _solve_position(C_t[m], A[m], b, X, U[m], V[m], mass_tol, gap_tol)
-        costs[m] = cost
-        status[m] = st
-        if st != OK:
-            continue
-        au = 0.0
-        total = 0.0
-        for k in range(K):
-            au += A[m, k] * U[m, k]
-            total += A[m, k]
-        bv = 0.0
-        for j in range(B):
-            bv += b[j] * V[m, j]
-            total += b[j]
-        shift = (bv - au) / total
-        for k in range(K):
-            U[m, k] += shift
-        for j in range(B):
-            V[m, j] -= shift
-        # The plan is zero off the latents' lists: K + B entries or so out of K * B.
-        for i in range(B):
-            Pc[m, i, :] = 0.0
-            row = 0.0
-            for s in range(count[i]):
-                k = codes[i, s]
-                row += X[i, k]
-                _add_entry_products(X[i, k], k, Z[m, i], codebook, Pc[m, i], PTz, Pcol)
-            Ps[m, i] = row
+def _record_entry(plan, m, i, k, x):
+    """Plan entry x between codeword k and latent i at position m; False when the extra lists are full."""
+    owner, share, extra_k, extra_i, extra_x, extra_n = plan
+    if owner[m, k] < 0:
+        owner[m, k] = i
+        share[m, k] = x
+        return True
+    n = extra_n[m]
+    if n >= extra_k.shape[1]:
+        return False
+    extra_k[m, n] = k
+    extra_i[m, n] = i
+    extra_x[m, n] = x
+    extra_n[m] = n + 1
+    return True
 
 
 @njit(cache=True, nogil=True)
-def add_plan_products(plan_t, z, codebook, pc, ps, ptz, pcol):
-    """``solve_positions``' products for one position from a dense plan (B, K) (POT's, where this solver is not
-    used): pc = plan codebook (B, D), ps = row sums (B,); ptz += plan^T z (K, D), pcol += column sums (K,). A loop
-    over the nonzeros: numpy's matrix products would start BLAS threads inside the solver threads."""
+def record_dense_plan(plan_t, m, plan, row_sums):
+    """A dense plan (B, K) (POT's, where this solver is not used) into ``plan`` at position m, its row sums into
+    row_sums (B,); False when it has more split codewords than the extra lists hold."""
     B, K = plan_t.shape
+    plan[0][m, :] = -1
+    plan[5][m] = 0
     for i in range(B):
-        pc[i, :] = 0.0
         row = 0.0
         for k in range(K):
             x = plan_t[i, k]
-            if x == 0.0:
-                continue
-            row += x
-            _add_entry_products(x, k, z[i], codebook, pc[i], ptz, pcol)
-        ps[i] = row
+            if x != 0.0:
+                row += x
+                if not _record_entry(plan, m, i, k, x):
+                    return False
+        row_sums[i] = row
+    return True
+
+
+@njit(cache=True, nogil=True)
+def solve_positions(C_t, A, b, positions, costs, U, V, status, Ps, plan, mass_tol, gap_tol):
+    """``solve_position`` over ``positions`` (one call per run of positions a thread takes). C_t (M, B, K) costs
+    (float32 or float64), A (M, K) weights. Per position m: costs[m], potentials U[m] (K,) and V[m] (B,), centred as
+    POT's ``center_ot_dual`` does (a.u = b.v), status[m], the plan's row sums Ps[m] (B,) and the plan itself in
+    ``plan`` (``plan_buffers``; ``plan_products`` turns it into what the gradients need). Plans only for positions
+    solved with status OK."""
+    Mn, B, K = C_t.shape
+    X = np.zeros((B, K))
+    work = _workspace(B, K, C_t.dtype)
+    for r in range(positions.shape[0]):
+        m = positions[r]
+        cost, st, _, codes, count = _solve_position(C_t[m], A[m], b, X, U[m], V[m], mass_tol, gap_tol, work)
+        costs[m] = cost
+        if st == OK:
+            au = 0.0
+            total = 0.0
+            for k in range(K):
+                au += A[m, k] * U[m, k]
+                total += A[m, k]
+            bv = 0.0
+            for j in range(B):
+                bv += b[j] * V[m, j]
+                total += b[j]
+            shift = (bv - au) / total
+            for k in range(K):
+                U[m, k] += shift
+            for j in range(B):
+                V[m, j] -= shift
+            # The plan is zero off the latents' lists: K + B entries or so out of K * B.
+            plan[0][m, :] = -1
+            plan[5][m] = 0
+            for i in range(B):
+                row = 0.0
+                for s in range(count[i]):
+                    k = codes[i, s]
+                    x = X[i, k]
+                    if x > 0.0:
+                        row += x
+                        if not _record_entry(plan, m, i, k, x):
+                            st = OVERFLOW
+                Ps[m, i] = row
+        status[m] = st
+        for i in range(B):  # back to all zero for the next position, clearing only the lists
+            for s in range(count[i]):
+                X[i, codes[i, s]] = 0.0
+        _release(work[3], codes, count)
+
+
+@njit(cache=True, nogil=True)
+def plan_products(plan, Z, codebook, first, stop, Pc, PTz, Pcol):
+    """From the plans P_m (``solve_positions``) of every position, over codewords first..stop-1 (one range per
+    thread): Pc += P_m codebook (M, B, D), PTz[k] = sum_m (P_m^T Z[m])[k] (K, D) and Pcol[k] = P's column sums
+    summed over positions (K,). Codeword-major in blocks: a codeword's row of PTz and of the codebook is read
+    once for all positions, so the pass streams the compact plans instead of a K x D array per position. The
+    extra entries (split codewords) are left to ``plan_extra_products``."""
+    owner, share = plan[0], plan[1]
+    Mn = owner.shape[0]
+    D = codebook.shape[1]
+    block = 64
+    for k0 in range(first, stop, block):
+        k1 = min(k0 + block, stop)
+        for k in range(k0, k1):
+            Pcol[k] = 0.0
+            PTz[k, :] = 0.0
+        for m in range(Mn):
+            for k in range(k0, k1):
+                i = owner[m, k]
+                if i < 0:
+                    continue
+                x = share[m, k]
+                Pcol[k] += x
+                for d in range(D):
+                    PTz[k, d] += x * Z[m, i, d]
+                    Pc[m, i, d] += x * codebook[k, d]
+
+
+@njit(cache=True, nogil=True)
+def plan_extra_products(plan, Z, codebook, Pc, PTz, Pcol):
+    """``plan_products`` for the extra entries of every position, in order."""
+    extra_k, extra_i, extra_x, extra_n = plan[2], plan[3], plan[4], plan[5]
+    for m in range(extra_n.shape[0]):
+        for r in range(extra_n[m]):
+            k = extra_k[m, r]
+            i = extra_i[m, r]
+            x = extra_x[m, r]
+            Pcol[k] += x
+            for d in range(codebook.shape[1]):
+                PTz[k, d] += x * Z[m, i, d]
+                Pc[m, i, d] += x * codebook[k, d]

@@ -16,13 +16,14 @@ Design
   the latents and the codebook in place (float32 or float64; no host copy); from an accelerator they come in
   one transfer. The M problems are solved in a module-level thread pool (the solvers release the GIL; the
   caller's thread takes a share).
-- An optimal plan has about K + B nonzeros out of K * B, so the solvers never hand it back: they return
-  what the gradients need, computed from the plan's nonzeros in float64 (P codebook and P's row sums per
-  position, P^T latents and the column sums summed over positions; ``solve_positions``), which replaced a
-  dense (M, B, K) plan, its conversion and two dense matrix products in the backward (measured on 2 cores,
-  trained latents, M = 64, K = 512, B = 32: the term's forward + backward 16.6 ms instead of 23-25 ms).
-  Sums over positions are accumulated per run of positions and added in order, so the gradients do not
-  depend on thread timing. Potentials and products go back to an accelerator in one copy.
+- An optimal plan has about K + B nonzeros out of K * B, so the solvers never hand back a dense plan: each
+  position's plan is kept compactly (one latent and mass per codeword, plus the few split codewords;
+  ``plan_buffers``), and what the gradients need (P codebook and P's row sums per position, P^T latents and the
+  column sums summed over positions) is formed from those in float64, codeword-major over all positions, one range
+  of codewords per thread. Sums are added in a fixed order, so the gradients do not depend on thread timing.
+  Potentials and products go back to an accelerator in one copy.
+- ``transport_costs`` is every latent's squared distance to every codeword: a quantizer that also needs the
+  nearest codewords (VQ-WAE) takes them from it and passes it in (``costs=``), one distance matrix per step.
 - Each weights row is renormalized in float64 before solving (float32 softmax rows sum to 1 only
   within ~1e-7), so the solver's mass balance holds.
 - A solver never returns an unverified answer: POT's network simplex must report optimality (else
@@ -66,7 +67,10 @@ from .shortest_path_solver import (
     NON_FINITE,
     OK,
     STATUS_NAMES,
-    add_plan_products,
+    plan_buffers,
+    plan_extra_products,
+    plan_products,
+    record_dense_plan,
     solve_positions,
 )
 
@@ -158,51 +162,63 @@ def _uses_shortest_paths(K: int, B: int) -> bool:
     return B <= _MAX_SHORTEST_PATH_LATENTS and 4 * B <= K
 
 
-def _solve_exact_chunk(C_t, A, b, Z, codebook, positions, out, PTz, Pcol, num_iter_max):
+def _solve_dense_into(a, b, C_t, num_iter_max, m, costs, U, V, Ps, plan):
+    """``_solve_dense`` for position m, its plan recorded in ``plan`` (``plan_buffers``)."""
+    plan_t, costs[m], U[m], V[m] = _solve_dense(a, b, C_t, num_iter_max, m)
+    if not record_dense_plan(plan_t, m, plan, Ps[m]):  # a basic solution splits at most B - 1 codewords
+        raise RuntimeError(f"network simplex plan at position {m} splits more codewords than a basic solution can")
+
+
+def _solve_exact_chunk(C_t, A, b, positions, out, status, plan, num_iter_max):
     """Shortest-path solver over some positions (``shortest_path_solver``); POT's network simplex for a position
     where it cannot certify optimality (never seen; a warning says so)."""
-    costs, U, V, Pc, Ps = out
-    status = np.zeros(C_t.shape[0], np.int64)
-    solve_positions(C_t, A, b, Z, codebook, positions, costs, U, V, status, Pc, Ps, PTz, Pcol, _MASS_TOL, _GAP_TOL)
+    costs, U, V, Ps = out
+    solve_positions(C_t, A, b, positions, costs, U, V, status, Ps, plan, _MASS_TOL, _GAP_TOL)
     for m in positions[status[positions] != OK]:
         if status[m] == NON_FINITE:
             raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
         warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[int(status[m])]} at position {m}; "
                       "solved with POT's network simplex instead", RuntimeWarning, stacklevel=2)
-        plan_t, costs[m], U[m], V[m] = _solve_dense(A[m], b, C_t[m], num_iter_max, m)
-        add_plan_products(plan_t, Z[m], codebook, Pc[m], Ps[m], PTz, Pcol)
+        _solve_dense_into(A[m], b, C_t[m], num_iter_max, m, costs, U, V, Ps, plan)
 
 
 def solve_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000):
     """Solve M problems given their costs transposed, C_t (M, B, K), weights a (M, K) (rows summing to 1,
     float64), latents Z (M, B, D) and codebook (K, D); returns costs (M,), potentials u (M, K), and the plans'
-    products the gradients need (``solve_positions``): Pc (M, B, D), Ps (M, B), PTz (K, D), Pcol (K,). The plans
-    themselves (K + B nonzeros or so out of K * B) never leave the solvers."""
+    products the gradients need: Pc (M, B, D) = P_m codebook, Ps (M, B) = P_m's row sums, PTz (K, D) = sum over m
+    of P_m^T Z[m], Pcol (K,) = P's column sums summed over positions. The plans themselves (K + B nonzeros or so out
+    of K * B) stay in compact buffers (``plan_buffers``)."""
     Mn, B, K = C_t.shape
     D = Z.shape[2]
     b = np.full(B, 1.0 / B)
-    out = np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B)), np.empty((Mn, B, D)), np.empty((Mn, B))
-    costs, U, V, Pc, Ps = out
+    out = costs, U, V, Ps = np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B)), np.empty((Mn, B))
+    status = np.zeros(Mn, np.int64)
+    plan = plan_buffers(Mn, K, B)
     n = max(1, min(get_num_threads(), Mn))
     shortest = solver == "exact" and _uses_shortest_paths(K, B)
-    # Each thread pulls small runs of positions until none is left (positions differ in cost). The sums over
-    # positions go to one accumulator per run, added up in order: the gradients do not depend on which thread
-    # took which run.
+    # Each thread pulls small runs of positions until none is left (positions differ in cost).
     pieces = np.array_split(np.arange(Mn), min(Mn, 4 * n))
-    PTz, Pcol = np.zeros((len(pieces), K, D)), np.zeros((len(pieces), K))
     taken = itertools.count()  # next() is atomic under the GIL
 
-    def worker(_):
+    def solve(_):
         while (j := next(taken)) < len(pieces):
             if shortest:
-                _solve_exact_chunk(C_t, a, b, Z, codebook, pieces[j], out, PTz[j], Pcol[j], num_iter_max)
+                _solve_exact_chunk(C_t, a, b, pieces[j], out, status, plan, num_iter_max)
                 continue
             for m in pieces[j]:
-                plan_t, costs[m], U[m], V[m] = _solve_dense(a[m], b, C_t[m], num_iter_max, m)
-                add_plan_products(plan_t, Z[m], codebook, Pc[m], Ps[m], PTz[j], Pcol[j])
+                _solve_dense_into(a[m], b, C_t[m], num_iter_max, m, costs, U, V, Ps, plan)
 
-    _run(worker, list(range(n)))
-    return costs, U, Pc, Ps, PTz.sum(0), Pcol.sum(0)
+    _run(solve, list(range(n)))
+    # The products, one range of codewords per thread (each its own part of Pc, added in order): the gradients do not
+    # depend on thread timing.
+    bounds = np.linspace(0, K, n + 1).astype(np.int64)
+    Pc_parts = np.zeros((n, Mn, B, D))
+    PTz, Pcol = np.empty((K, D)), np.empty(K)
+    _run(lambda r: plan_products(plan, Z, codebook, bounds[r], bounds[r + 1], Pc_parts[r], PTz, Pcol),
+         list(range(n)))
+    Pc = Pc_parts.sum(0)
+    plan_extra_products(plan, Z, codebook, Pc, PTz, Pcol)
+    return costs, U, Pc, Ps, PTz, Pcol
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,8 +296,10 @@ def _pairwise_sqdist(codebook: torch.Tensor, latents: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _cost_tensor_t(codebook: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """``_pairwise_sqdist`` transposed, (M, B, K), without autograd: one matrix product, then in-place updates."""
+def transport_costs(codebook: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The costs ``wasserstein_loss`` transports under, (M, B, K): ``_pairwise_sqdist`` transposed, without autograd,
+    one matrix product and in-place updates. A quantizer that also needs each latent's nearest codeword takes the
+    argmin over K of these and passes them on (``costs=``), instead of a second (M * B, K) distance matrix."""
     Mn, B, D = latents.shape
     flat = latents.reshape(Mn * B, D)
     cost_t = torch.addmm(codebook.pow(2).sum(-1)[None, :], flat, codebook.T, alpha=-2.0)
@@ -296,6 +314,7 @@ def wasserstein_loss(
     *,
     solver: str = DEFAULT_SOLVER,
     num_iter_max: int = 100_000,
+    costs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over positions m of the OT cost between sum_k weights[m,k] delta(codebook[k]) and
     the uniform empirical measure of latents[m] (mass 1/B each), squared Euclidean cost.
@@ -303,6 +322,7 @@ def wasserstein_loss(
     latents (M, B, D), codebook (K, D), weights (M, K) nonnegative with rows summing to 1.
     Computed in the inputs' dtype (float32 or float64) on their device; returns a scalar.
     solver: "exact" (``DEFAULT_SOLVER``: shortest paths over the latents) or "dense" (exact, POT's network simplex).
+    costs: ``transport_costs(codebook, latents)`` when the caller has it already (same dtype and device).
     Raises RuntimeError if the network simplex does not report optimality.
     """
     if latents.dim() != 3:
@@ -325,6 +345,12 @@ def wasserstein_loss(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     dtype = torch.promote_types(torch.promote_types(latents.dtype, codebook.dtype), weights.dtype)
     latents, codebook, weights = latents.to(dtype), codebook.to(dtype), weights.to(dtype)
-    cost_t = _cost_tensor_t(codebook.detach(), latents.detach())
+    if costs is None:
+        cost_t = transport_costs(codebook.detach(), latents.detach())
+    elif tuple(costs.shape) != (Mn, B, K) or costs.dtype != dtype or costs.device != latents.device:
+        raise ValueError(f"costs must be transport_costs(codebook, latents): shape ({Mn}, {B}, {K}), {dtype}, "
+                         f"{latents.device}; got {tuple(costs.shape)}, {costs.dtype}, {costs.device}")
+    else:
+        cost_t = costs.detach()
     value, Pc, Ps, PTz, Pcol, u = _solve_host(cost_t, latents, codebook, weights, solver, int(num_iter_max))
     return _TransportLoss.apply(latents, codebook, weights, value, Pc, Ps, PTz, Pcol, u)

@@ -9,7 +9,7 @@ Token layout (defined only here; everything else asks `PriorConfig` / `CodePrior
 
 Each sequence fed to the transformer is [condition token] + the L codes of one image; the model predicts the L
 codes. Training loss and NLL are taken over the code logits only (the special tokens' logits are dropped before the
-softmax), which is exactly the distribution `sampling.sample_codes` draws from, so the reported NLL/bits per token
+softmax), which is exactly the distribution `sampling.sample_codes` draws from, so the reported NLL/bits per code
 is that of the sampler.
 
 Saved the Hugging Face way (`configio.hub.HubModel`): config.json holds the `PriorConfig` (the one config; the
@@ -284,7 +284,7 @@ class CodePrior(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "ima
     def nll_sum(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None) -> torch.Tensor:
         """(B,) summed NLL in nats of each sequence; no label dropout whatever the mode.
 
-        Bits per token over a data set = sum of nll_sum / (number of sequences * L * ln 2); see `bits_per_token`.
+        Bits per code over a data set = sum of nll_sum / (number of sequences * L * ln 2); see `bits_per_code`.
         """
         was_training = self.training
         self.eval()
@@ -293,7 +293,7 @@ class CodePrior(nn.Module, HubModel, library_name="vq-wae", tags=["vq-wae", "ima
         finally:
             self.train(was_training)
 
-    def bits_per_token(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None) -> float:
+    def bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None) -> float:
         codes = self.check_codes(codes)
         return float(self.nll_sum(codes, labels).sum()) / (codes.numel() * math.log(2))
 

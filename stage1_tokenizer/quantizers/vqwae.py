@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..transport import wasserstein_loss
+from ..transport import transport_costs, wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
 from .registry import QuantizerSpec, Setting, register
 
@@ -113,13 +113,20 @@ class VQWAEQuantizer(Quantizer):
                 f"this VQ-WAE quantizer has {self.num_positions} positions but got a {h}x{w} latent grid; "
                 "the image size does not match the one the tokenizer was built for"
             )
-        _, indices, codewords = self.quantize(z)
-        # (positions, batch, dim): the empirical distribution that each pi^m is transported to.
+        # (positions, batch, dim): the empirical distribution that each pi^m is transported to. Its transport costs
+        # are every latent's squared distances to the codebook: the nearest codewords come from them too, so the
+        # step computes one (positions * batch, K) distance matrix, not two.
         latents = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        codebook = self.codebook.float()
+        costs = transport_costs(codebook, latents)
+        indices = costs.argmin(dim=2).T.reshape(b, h, w)
+        codewords = self.lookup(indices)
         weights = self.code_distributions()
         if self.global_transport:
-            latents = latents.reshape(1, h * w * b, d)
-        latents, ot_weights, scale = self._gather(latents, weights)
+            latents, costs = latents.reshape(1, h * w * b, d), costs.reshape(1, h * w * b, -1)
+        gathered, ot_weights, scale = self._gather(latents, weights)
+        if gathered is not latents:  # other processes' latents: other costs
+            latents, costs = gathered, None
         stats = {"perplexity": code_perplexity(indices, self.codebook_size).detach()}
         extra = {}
         if self.learn_weights:
@@ -128,7 +135,7 @@ class VQWAEQuantizer(Quantizer):
             stats["pi_perplexity"] = perplexity(weights.detach()).mean()
         # The transport term's graph after the KL term's: autograd then sums the weights' gradient in the same order
         # as before (bit-identical training).
-        transport = wasserstein_loss(latents, self.codebook.float(), ot_weights, solver=self.solver)
+        transport = wasserstein_loss(latents, codebook, ot_weights, solver=self.solver, costs=costs)
         losses = {"wasserstein": self.beta * scale * transport, **extra}
         quantized = z + (codewords - z).detach()
         return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)

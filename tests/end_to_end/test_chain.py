@@ -36,7 +36,7 @@ def test_every_artifact(chain):
         assert (chain / name).is_file(), name
     assert len(list((chain / "samples" / "images").glob("*.png"))) == 8
     prior = json.loads((chain / "prior" / "metrics.json").read_text())
-    assert 0 < prior["val_bits_per_token"] < 2 * prior["uniform_bits_per_token"] and "test_bits_per_token" in prior
+    assert 0 < prior["val_bits_per_code"] < 2 * prior["uniform_bits_per_code"] and "test_bits_per_code" in prior
     samples = json.loads((chain / "samples" / "metrics.json").read_text())
     fid = samples["fid"]
     assert fid["fid"] > 0 and fid["num_samples"] == 8 and fid["num_reference_images"] == 16

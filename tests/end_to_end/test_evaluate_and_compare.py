@@ -121,6 +121,41 @@ def test_compare_job_writes_both_tables(tmp_path, data_root, mini_run, capfd):
     assert len(list((tmp_path / "compare.previous").iterdir())) == 1 and (out / "table.json").is_file()
 
 
+def test_rfid_on_fewer_images_than_the_other_metrics(mini_run):
+    job("pipelines.evaluate", "--run", mini_run, "num_images=8", "rfid_images=4", "fid=false", "fid_batch_size=8")
+    report = json.loads((mini_run / "eval" / "report.json").read_text())
+    rfid = report["tokenizer_eval"]["rfid"]
+    assert report["num_test_images"] == 8 and sum(report["code_counts"]) == 8 * 64
+    assert rfid["num_images"] == 4 and rfid["num_reference_images"] == 4
+
+
+def test_sweep_over_codebook_sizes(tmp_path, data_root, capfd):
+    from pipelines import sweep
+
+    out = tmp_path / "sweep"
+    args = ["--output", str(out), f"data.root={data_root}", *TINY, "sizes=[16,8]", "models=[vqwae,vqvae]",
+            "rivals=1", "eval.num_images=8", "eval.rfid=false", "prior.train.max_steps=2", "prior.train.warmup_steps=1",
+            "prior.train.batch_size=16", "prior.prior.num_layers=1", "prior.prior.hidden_size=32",
+            "sample.num_samples=10", "sample.fid_reference_images=8", "sample.batch_size=10"]
+    sweep.main(args)
+    printed = capfd.readouterr().out
+    # the largest size first; its strongest rival (the only one here) and the generation step follow
+    assert printed.index("K = 16, vqwae") < printed.index("K = 8, vqwae") < printed.index("generation at K = 16, vqvae")
+    data = json.loads((out / "table.json").read_text())
+    assert [(r["codebook_size"], r["model"]) for r in data["rows"]] == [(8, "vqwae"), (8, "vqvae"), (16, "vqwae"),
+                                                                       (16, "vqvae")]
+    assert data["budget"]["rivals"] == ["vqvae"]
+    for row in data["rows"]:
+        assert row["step_time_vs_vqvae"] > 0 and (row["step_time_vs_vqvae"] == 1.0) == (row["model"] == "vqvae")
+        assert (row["generation_fid"] is not None) == (row["codebook_size"] == 16)
+    table = (out / "table.md").read_text()
+    assert "| 16 | vqwae |" in table and "| 8 | vqvae |" in table and "3 tokenizer steps of batch 16" in table
+    assert (out / "usage_perplexity_vs_codebook_size.png").stat().st_size > 1000
+    assert "codebook_size: 8" in (out / "K8" / "vqvae" / "tokenizer" / "job_config.yaml").read_text()
+    sweep.main(args)
+    assert "is finished with these settings; nothing to do" in capfd.readouterr().out.splitlines()[-1]
+
+
 # ---------------------------------------------------------------------------------------------- error paths
 
 def test_missing_run_folder_is_one_line_error(tmp_path):
@@ -145,12 +180,16 @@ def in_process_error(main, argv, capsys, fragment):
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, capsys):
-    from pipelines import compare, evaluate
+    from pipelines import compare, evaluate, sweep
 
     in_process_error(evaluate.main, ["--run", tmp_path, "protocol=tiny"], capsys, "protocol")
     in_process_error(evaluate.main, ["--run", tmp_path, "num_images=1"], capsys, "num_images")
+    in_process_error(evaluate.main, ["--run", tmp_path, "rfid_images=1"], capsys, "rfid_images")
     in_process_error(compare.main, ["--output", tmp_path / "c", "quantizer.name=vqvae"], capsys, "models=")
     in_process_error(compare.main, ["--output", tmp_path / "c", "models=[nope]"], capsys, "nope")
     in_process_error(compare.main, ["--output", tmp_path / "c", "train.maxsteps=3"], capsys, "train.maxsteps")
     in_process_error(compare.main, ["--output", tmp_path / "c", "eval.protocol=tiny"], capsys, "protocol")
+    in_process_error(sweep.main, ["--output", tmp_path / "c", "sizes=[0]"], capsys, "sizes")
+    in_process_error(sweep.main, ["--output", tmp_path / "c", "models=[vqvae]"], capsys, "include it")
+    in_process_error(sweep.main, ["--output", tmp_path / "c", "rivals=9"], capsys, "rivals")
     assert not (tmp_path / "c").exists()

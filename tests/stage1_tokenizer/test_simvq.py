@@ -3,7 +3,7 @@ the reports know it through the registry alone."""
 import torch
 
 from configio.config import from_dict, load_config
-from pipelines import compare
+from pipelines import chain, compare
 from pipelines.settings import TokenizerJobConfig
 from stage1_tokenizer.model import Tokenizer, TokenizerConfig
 from stage1_tokenizer.networks import NetworkConfig
@@ -14,7 +14,7 @@ from stage1_tokenizer.quantizers.simvq import SimVQQuantizer
 def test_known_everywhere_through_the_registry():
     cfg = load_config(TokenizerJobConfig, None, ["quantizer.name=simvq", "quantizer.rotation_trick=true"])
     assert cfg.quantizer.resolved_beta == 0.25 and cfg.quantizer.rotation_trick
-    assert compare.MODELS["simvq"] == ["quantizer.name=simvq"] and "SimVQ" in compare.DESCRIPTIONS["simvq"]
+    assert chain.MODELS["simvq"] == ["quantizer.name=simvq"] and "SimVQ" in chain.DESCRIPTIONS["simvq"]
     assert "rotation_trick True" in compare.quantizer_summary({"name": "simvq", "rotation_trick": True})
 
 

@@ -180,7 +180,7 @@ def test_shortest_path_solver_is_certified_optimal(kind):
     from stage1_tokenizer.shortest_path_solver import OK, solve_position
 
     rng = np.random.default_rng(len(kind))
-    for K, B in [(8, 2), (64, 16), (256, 7), (512, 32), (512, 128)]:
+    for K, B in [(8, 2), (64, 16), (256, 7), (512, 32), (512, 128), (4096, 32)]:
         C, a = _random_position(kind, K, B, rng)
         b = np.full(B, 1.0 / B)
         X, q, p = np.empty((B, K)), np.empty(K), np.empty(B)
@@ -194,6 +194,70 @@ def test_shortest_path_solver_is_certified_optimal(kind):
         np.testing.assert_allclose(X.sum(0), a, atol=1e-12)
         assert (C - q[:, None] - p[None, :]).min() >= -1e-9 * C.max()
         assert abs((X.T * C).sum() - (a @ q + b @ p)) <= 1e-9 * C.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_codebook_matches_pot(dtype):
+    # K = 4096: latents hold ~128 codewords each, so paths withdraw codewords whose moves pass to the runner-up
+    z, c, w = _problem(3, 4096, 32, d=64, weights="peaked", seed=21, dtype=dtype)
+    ref = _grads(lambda *x: wasserstein_loss(*x, solver="dense"), z, c, w)
+    out = _grads(lambda *x: wasserstein_loss(*x, solver="exact"), z, c, w)
+    for o, r in zip(out, ref):
+        _close(o, r, rtol=1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_precomputed_costs_give_the_same_loss():
+    from stage1_tokenizer.transport import transport_costs
+
+    z, c, w = _problem(4, 256, 16, weights="peaked", seed=13)
+    ref = _grads(wasserstein_loss, z, c, w)
+    out = _grads(lambda *x: wasserstein_loss(*x, costs=transport_costs(x[1].detach(), x[0].detach())), z, c, w)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+    with pytest.raises(ValueError, match="costs must be transport_costs"):
+        wasserstein_loss(z, c, w, costs=transport_costs(c.detach(), z.detach())[:, :, :-1])
+
+
+def test_compact_plans_give_the_dense_plans_products():
+    from stage1_tokenizer.shortest_path_solver import (
+        OK,
+        OVERFLOW,
+        plan_buffers,
+        plan_extra_products,
+        plan_products,
+        solve_position,
+        solve_positions,
+    )
+
+    M, K, B, D = 3, 300, 12, 5
+    rng = np.random.default_rng(4)
+    Z, codebook = rng.normal(size=(M, B, D)), rng.normal(size=(K, D))
+    C_t = np.ascontiguousarray((((Z[:, :, None, :] - codebook[None, None]) ** 2).sum(-1)))
+    A = np.exp(2.0 * rng.normal(size=(M, K)))
+    A /= A.sum(1, keepdims=True)
+    b = np.full(B, 1.0 / B)
+    costs, U, V, Ps, status = np.empty(M), np.empty((M, K)), np.empty((M, B)), np.empty((M, B)), np.zeros(M, np.int64)
+    plan = plan_buffers(M, K, B)
+    solve_positions(C_t, A, b, np.arange(M), costs, U, V, status, Ps, plan, 1e-13, 1e-9)
+    assert (status == OK).all() and plan[5].max() > 0  # heavy-tailed weights split codewords
+    Pc, PTz, Pcol = np.zeros((M, B, D)), np.empty((K, D)), np.empty(K)
+    plan_products(plan, Z, codebook, 0, 170, Pc, PTz, Pcol)  # two ranges, as two threads would take them
+    plan_products(plan, Z, codebook, 170, K, Pc, PTz, Pcol)
+    plan_extra_products(plan, Z, codebook, Pc, PTz, Pcol)
+    dense = []
+    for m in range(M):
+        X, q, p = np.empty((B, K)), np.empty(K), np.empty(B)
+        solve_position(C_t[m], A[m], b, X, q, p, 1e-13, 1e-9)
+        dense.append(X)
+    np.testing.assert_allclose(Pc, np.stack([X @ codebook for X in dense]), atol=1e-12)
+    np.testing.assert_allclose(Ps, np.stack([X.sum(1) for X in dense]), atol=1e-12)
+    np.testing.assert_allclose(PTz, sum(X.T @ z for X, z in zip(dense, Z)), atol=1e-12)
+    np.testing.assert_allclose(Pcol, A.sum(0), atol=1e-12)
+    # no room for split codewords: reported, for the caller to solve those positions with POT
+    small = plan_buffers(M, K, B)
+    small = (*small[:2], *(x[:, :0] for x in small[2:5]), small[5])
+    solve_positions(C_t, A, b, np.arange(M), costs, U, V, status, Ps, small, 1e-13, 1e-9)
+    assert (status == OVERFLOW).all()
 
 
 def test_rounding_residues_do_not_stall_the_shortest_paths():
@@ -225,9 +289,9 @@ def test_uncertified_positions_fall_back_to_the_network_simplex(monkeypatch):
     expected = _grads(lambda *x: wasserstein_loss(*x, solver="dense"), z, c, w)
     solve = transport.solve_positions
 
-    def failing(C_t, A, b, Z, codebook, positions, costs, U, V, status, *rest):
+    def failing(C_t, A, b, positions, costs, U, V, status, *rest):
         # as if the solver could not certify position 2: solved, but its answer (here: none) must not be used
-        solve(C_t, A, b, Z, codebook, positions[positions != 2], costs, U, V, status, *rest)
+        solve(C_t, A, b, positions[positions != 2], costs, U, V, status, *rest)
         status[positions[positions == 2]] = GAP
 
     monkeypatch.setattr(transport, "solve_positions", failing)

@@ -106,17 +106,17 @@ def test_tiny_prior_overfits_a_tiny_code_set(arch, request):
     assert last < 0.1 * first, (first, last)
 
 
-def test_unconditional_prior_learns_and_reports_bits_per_token():
+def test_unconditional_prior_learns_and_reports_bits_per_code():
     torch.manual_seed(0)
     prior = CodePrior(tiny_config("gpt2", conditional=False))
     codes = fixed_codes()
-    bpt_before = prior.bits_per_token(codes)
+    bpt_before = prior.bits_per_code(codes)
     first, last = train(prior, codes, None, steps=300, stop=0.2)
-    # Without labels the first code of 8 distinct sequences stays uncertain: the floor is ln(8) / L nats per token.
+    # Without labels the first code of 8 distinct sequences stays uncertain: the floor is ln(8) / L nats per code.
     assert last < 0.25 * first, (first, last)
     nll = prior.nll_sum(codes)
     assert nll.shape == (C,)
-    bpt = prior.bits_per_token(codes)
+    bpt = prior.bits_per_code(codes)
     assert bpt < 0.25 * bpt_before
     assert bpt == pytest.approx(float(nll.sum()) / (codes.numel() * torch.log(torch.tensor(2.0)).item()), rel=1e-5)
 
