@@ -26,6 +26,8 @@ import torch
 from stage1_tokenizer.transport import _pairwise_sqdist, get_num_threads, wasserstein_loss
 
 TRAINED = Path("runs/default/tokenizer/best")
+# Tokenizers trained at each codebook size by `make sweep` (pipelines/sweep.py): K<size>/<model>/tokenizer.
+SWEEP = Path("runs/sweep-fashion_mnist")
 
 
 def _timeit(fn) -> float:
@@ -206,10 +208,36 @@ def bench_scaling(repeats: int) -> list[dict]:
     return rows
 
 
+def _sweep_tokenizers(k: int) -> dict | None:
+    """VQ-VAE's and VQ-WAE's tokenizers trained at codebook size k by the sweep, when both exist."""
+    from stage1_tokenizer.model import Tokenizer
+
+    folders = {name: SWEEP / f"K{k}" / name / "tokenizer" for name in ("vqvae", "vqwae")}
+    if not all((f / "model.safetensors").is_file() for f in folders.values()):
+        return None
+    return {name: Tokenizer.from_pretrained(f) for name, f in folders.items()}
+
+
+def _timed_steps(models: dict, images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """One training step (forward, backward, Adam) of each model, interleaved."""
+    optims = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+    def step(name):
+        def run():
+            out = models[name](images)
+            optims[name].zero_grad(set_to_none=True)
+            sum(out.losses.values()).backward()
+            optims[name].step()
+        return run
+
+    return interleaved({name: step(name) for name in models}, repeats)
+
+
 def bench_codebook_sizes(repeats: int, sizes: list[int]) -> list[dict]:
     """At each K: the W term (M 64, B 32, D 64, Gaussian latents), VQ-VAE's nearest-codeword step on the same latents
     (the floor both methods share: one (B*M, K) distance matrix, its argmin and the two VQ losses, backward), and a
-    whole training step of each tokenizer (batch 32, 8x8 grid), side by side."""
+    whole training step of each tokenizer (batch 32, 8x8 grid), side by side: from random init, and, where the sweep
+    trained both at this K, from those trained weights (with the W term on the trained VQ-WAE's latents and pi)."""
     import torch.nn.functional as F
 
     from stage1_tokenizer.quantizers.base import nearest_codewords
@@ -230,21 +258,27 @@ def bench_codebook_sizes(repeats: int, sizes: list[int]) -> list[dict]:
             chosen = cc[nearest_codewords(flat.detach(), cc.detach())]
             (F.mse_loss(chosen, flat.detach()) + 0.25 * F.mse_loss(flat, chosen.detach())).backward()
 
-        models = {name: _tokenizer(name, 32, k) for name in ("vqvae", "vqwae")}
-        optims = {name: torch.optim.Adam(m.parameters(), lr=1e-4) for name, m in models.items()}
+        t = interleaved({"w_term": w_term, "nearest": nearest_step}, repeats)
+        t.update(_timed_steps({name: _tokenizer(name, 32, k) for name in ("vqvae", "vqwae")}, images, repeats))
+        row = {"K": k, "M": 64, "B": 32, "D": 64, "data": data, **{f"{n}_ms": 1e3 * v for n, v in t.items()},
+               "ratio_step_vqwae_vqvae": t["vqwae"] / t["vqvae"]}
+        trained = _sweep_tokenizers(k)
+        if trained is not None:
+            with torch.no_grad():
+                latents = trained["vqwae"].encoder(images).float()
+                latents = latents.permute(2, 3, 0, 1).reshape(-1, latents.shape[0], latents.shape[1])
+                codebook = trained["vqwae"].quantizer.codebook.detach().float()
+                weights = trained["vqwae"].quantizer.code_distributions().detach()
 
-        def step(name):
-            def run():
-                out = models[name](images)
-                optims[name].zero_grad(set_to_none=True)
-                sum(out.losses.values()).backward()
-                optims[name].step()
-            return run
+            def trained_w_term():
+                zz, cc, pp = (x.clone().requires_grad_() for x in (latents, codebook, weights))
+                wasserstein_loss(zz, cc, pp).backward()
 
-        t = interleaved({"w_term": w_term, "nearest": nearest_step, "vqvae": step("vqvae"), "vqwae": step("vqwae")},
-                        repeats)
-        rows.append({"K": k, "M": 64, "B": 32, "D": 64, "data": data, **{f"{n}_ms": 1e3 * v for n, v in t.items()},
-                     "ratio_step_vqwae_vqvae": t["vqwae"] / t["vqvae"]})
+            steps = _timed_steps(trained, images, repeats)
+            row.update(trained_from=str(SWEEP / f"K{k}"), trained_vqvae_ms=1e3 * steps["vqvae"],
+                       trained_vqwae_ms=1e3 * steps["vqwae"], trained_ratio_step_vqwae_vqvae=steps["vqwae"] / steps["vqvae"],
+                       trained_w_term_ms=1e3 * interleaved({"w": trained_w_term}, repeats)["w"])
+        rows.append(row)
     return rows
 
 
@@ -278,6 +312,30 @@ def bench_fid(repeats: int, n: int) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def codebook_sizes_markdown(rows: list[dict]) -> str:
+    base = next((row for row in rows if row["K"] == 2048), rows[0])
+    lines = ["\n## Large codebooks (M 64, B 32, D 64; steps: batch 32, 8x8 grid, random init)\n",
+             f"W term: Gaussian latents, forward + backward; `W / W(K={base['K']})` is the growth the issue bounds (8x "
+             "from 2,048 to 16,384 would be linear). Nearest-codeword step: VQ-VAE's quantizer alone on the same "
+             "latents.\n",
+             f"| K | W term ms | W / W(K={base['K']}) | nearest-codeword step ms | VQ-VAE step ms | VQ-WAE step ms | "
+             "**VQ-WAE / VQ-VAE** |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['K']:,} | {row['w_term_ms']:.1f} | {row['w_term_ms'] / base['w_term_ms']:.2f} | "
+              f"{row['nearest_ms']:.1f} | {row['vqvae_ms']:.1f} | {row['vqwae_ms']:.1f} | "
+              f"**{row['ratio_step_vqwae_vqvae']:.2f}** |" for row in rows]
+    trained = [row for row in rows if "trained_vqwae_ms" in row]
+    if trained:
+        first = next((row for row in trained if row["K"] == 2048), trained[0])
+        lines += [f"\nTrained weights (`make sweep`'s tokenizers, {SWEEP}/K<size>/): each method's own trained model, "
+                  "the W term on the trained VQ-WAE's latents and learned pi.\n",
+                  f"| K | W term ms (trained) | W / W(K={first['K']}) | VQ-VAE step ms | VQ-WAE step ms | "
+                  "**VQ-WAE / VQ-VAE** |", "|---|---|---|---|---|---|"]
+        lines += [f"| {row['K']:,} | {row['trained_w_term_ms']:.1f} | "
+                  f"{row['trained_w_term_ms'] / first['trained_w_term_ms']:.2f} | {row['trained_vqvae_ms']:.1f} | "
+                  f"{row['trained_vqwae_ms']:.1f} | **{row['trained_ratio_step_vqwae_vqvae']:.2f}** |" for row in trained]
+    return "\n".join(lines)
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = ["# VQ-WAE benchmarks\n", f"Machine: {m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']} "
@@ -305,17 +363,7 @@ def markdown(r: dict) -> str:
               "| varied | M | K | B | `exact` ms | `dense` ms | dense / exact |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {s['vary']} | {s['M']} | {s['K']} | {s['B']} | {s['ms']:.1f} | {s['network_simplex_ms']:.1f} | "
               f"{s['network_simplex_ms'] / s['ms']:.2f} |" for s in r["scaling"]]
-    rows = r["codebook_sizes"]
-    base = next((row for row in rows if row["K"] == 2048), rows[0])
-    lines += ["\n## Large codebooks (M 64, B 32, D 64; steps: batch 32, 8x8 grid, random init)\n",
-              f"W term: Gaussian latents, forward + backward; `W / W(K={base['K']})` is the growth the issue bounds (8x "
-              "from 2,048 to 16,384 would be linear). Nearest-codeword step: VQ-VAE's quantizer alone on the same "
-              "latents.\n",
-              f"| K | W term ms | W / W(K={base['K']}) | nearest-codeword step ms | VQ-VAE step ms | VQ-WAE step ms | "
-              "**VQ-WAE / VQ-VAE** |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {row['K']:,} | {row['w_term_ms']:.1f} | {row['w_term_ms'] / base['w_term_ms']:.2f} | "
-              f"{row['nearest_ms']:.1f} | {row['vqvae_ms']:.1f} | {row['vqwae_ms']:.1f} | "
-              f"**{row['ratio_step_vqwae_vqvae']:.2f}** |" for row in rows]
+    lines.append(codebook_sizes_markdown(r["codebook_sizes"]))
     s = r["sampling"]
     lines += ["\n## Prior sampling\n", "| KV cache | samples/s |", "|---|---|",
               f"| on | {s['cache_samples_per_s']:.1f} |", f"| off | {s['no_cache_samples_per_s']:.1f} |",
@@ -331,10 +379,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (a smoke test)")
+    parser.add_argument("--only", choices=["codebook_sizes"], default=None,
+                        help="one section only (the large-codebook section: a few minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     q = args.quick
     report = {"machine": machine()}
+    if args.only == "codebook_sizes":
+        report["codebook_sizes"] = bench_codebook_sizes(1 if q else 3, [512, 2048] if q else [512, 2048, 8192, 16384])
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "codebook_sizes.json").write_text(json.dumps(report, indent=2))
+        text = codebook_sizes_markdown(report["codebook_sizes"])
+        (out / "codebook_sizes.md").write_text(text)
+        print(text)
+        return
     report["wasserstein"] = bench_wasserstein(2 if q else 5)
     report["steps"] = [bench_step(32, 32, 2 if q else 30, True)]
     if not q:

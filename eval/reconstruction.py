@@ -1,6 +1,8 @@
 """Test-split reconstruction metrics for a tokenizer: MSE, PSNR, SSIM (per-image means) and codebook statistics."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -18,8 +20,10 @@ def evaluate_tokenizer(
     device: torch.device | str = "cpu",
     num_examples: int = 64,
     progress: bool = True,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[dict, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Returns (metrics, code histogram, (example originals, their reconstructions))."""
+    """Returns (metrics, code histogram, (example originals, their reconstructions)). `on_batch(images,
+    reconstructions, codes)` sees every batch, for metrics of the caller's own in the same pass."""
     tokenizer = tokenizer.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     counts = torch.zeros(tokenizer.codebook_size, dtype=torch.long)
@@ -34,6 +38,8 @@ def evaluate_tokenizer(
         sums["mse"] += float(mse_per_image(recon, images).sum())
         sums["psnr"] += float(psnr_per_image(recon, images).sum())
         sums["ssim"] += float(ssim_per_image(recon, images).sum())
+        if on_batch is not None:
+            on_batch(images, recon, indices)
         if sum(len(o) for o in originals) < num_examples:
             originals.append(images.cpu())
             reconstructions.append(recon.cpu())

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stage1_tokenizer.quantizers.base import perplexity
 
@@ -40,7 +40,6 @@ from .fid import (
     compute_fid,
     folder_features,
     list_images,
-    progress_bar,
     reference_statistics,
     resolve_feature_extractor,
     small_sample_warnings,
@@ -191,28 +190,18 @@ def evaluate_reconstructions(
     same first images (all of them, or fewer: Inception features are the slow part)."""
     check_protocol(protocol)
     device = torch.device(device)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    base, counts, _ = evaluate_tokenizer(tokenizer, dataset, "test", batch_size, device, num_examples=1, progress=progress)
-    timings["reconstruction_psnr_ssim_codebook"] = time.perf_counter() - started
-
+    timings: dict[str, float] = dict(lpips=0.0, paper_psnr_ssim=0.0, rfid_features=0.0)
     metric_lpips = LPIPSMetric(device, enabled=lpips)
     side = tokenizer.config.latent_size
     position_counts = torch.zeros(side * side, tokenizer.codebook_size, dtype=torch.long)
     paper = {"psnr": 0.0, "ssim": 0.0}
     recon_feats = []
-    timings.update(second_pass_tokenizer=0.0, lpips=0.0, paper_psnr_ssim=0.0, rfid_features=0.0)
-    n = 0
-    bar = progress_bar(len(dataset), "FID features (reconstructions)" if fid_reference is not None else
-                       "codes per position" + (", LPIPS" if metric_lpips.available else ""), progress)
-    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        t = time.perf_counter()
-        images = images.to(device)
-        recon, indices = tokenizer.reconstruct(images)
-        recon = recon.float().clamp(0, 1)
+    seen = [0]
+
+    def per_batch(images: torch.Tensor, recon: torch.Tensor, indices: torch.Tensor) -> None:
+        """What the pass of `evaluate_tokenizer` does not: codes per position, LPIPS, paper-protocol metrics, rFID."""
         flat = indices.reshape(len(images), -1).cpu()
         position_counts.scatter_add_(1, flat.T.contiguous(), torch.ones_like(flat.T))
-        timings["second_pass_tokenizer"] += time.perf_counter() - t
         if protocol == "paper":
             t = time.perf_counter()
             big_r, big_i = _resize(recon, PAPER_METRIC_SIZE), _resize(images, PAPER_METRIC_SIZE)
@@ -225,13 +214,19 @@ def evaluate_reconstructions(
         t = time.perf_counter()
         metric_lpips.update(lp_r, lp_i)
         timings["lpips"] += time.perf_counter() - t
+        n = seen[0]
         if fid_reference is not None and n < len(fid_reference.dataset):  # the reference's images come first
             t = time.perf_counter()
             recon_feats.append(fid_reference.features(recon[: len(fid_reference.dataset) - n].cpu()))
             timings["rfid_features"] += time.perf_counter() - t
-        n += len(images)
-        bar.update(len(images))
-    bar.close()
+        seen[0] = n + len(images)
+
+    started = time.perf_counter()
+    base, counts, _ = evaluate_tokenizer(tokenizer, dataset, "test", batch_size, device, num_examples=1,
+                                         progress=progress, on_batch=per_batch)
+    own = timings["lpips"] + timings["paper_psnr_ssim"] + timings["rfid_features"]
+    timings["reconstruction_psnr_ssim_codebook"] = time.perf_counter() - started - own
+    n = seen[0]
 
     section: dict[str, Any] = {"num_images": int(base["num_images"]), "split": "test"}
     if protocol == "clean":

@@ -167,7 +167,8 @@ def timings_per_thousand(report: dict[str, Any]) -> dict[str, float]:
     if report["protocol"] == "paper":
         out["PSNR/SSIM at 256 px"] = time_per_thousand(s["paper_psnr_ssim"], n)
     if section["rfid"].get("available"):
-        out["Inception features (rFID, generated side)"] = time_per_thousand(s["rfid_features"], n)
+        out["Inception features (rFID, generated side)"] = time_per_thousand(s["rfid_features"],
+                                                                             section["rfid"]["num_images"])
         if not section["rfid"]["reference_cached"]:
             out["Inception features (reference side, then cached)"] = time_per_thousand(
                 section["rfid"]["reference_seconds"], section["rfid"]["num_reference_images"])

@@ -48,9 +48,20 @@ def squared_distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
     return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None, :]
 
 
+# Rows of latents per block of the nearest-codeword search: a (rows, K) block of about 2^22 entries stays in cache
+# where a whole (N, K) matrix (1 GB for N = K = 16,384) would not.
+_SEARCH_BLOCK_ENTRIES = 1 << 22
+
+
 def nearest_codewords(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest row of `codebook` (K, D) for each row of `flat` (N, D)."""
-    return squared_distances(flat, codebook).argmin(dim=1)
+    """Index of the nearest row of `codebook` (K, D) for each row of `flat` (N, D), searched in blocks of rows:
+    argmin over k of ||c_k||^2 - 2 z.c_k (||z||^2 does not change the argmin) in one fused product per block."""
+    flat, codebook = flat.detach(), codebook.detach()
+    norms = codebook.pow(2).sum(1)
+    rows = max(1, _SEARCH_BLOCK_ENTRIES // max(1, codebook.shape[0]))
+    if len(flat) == 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    return torch.cat([torch.addmm(norms, block, codebook.T, alpha=-2.0).argmin(dim=1) for block in flat.split(rows)])
 
 
 class QuantizerInterface(nn.Module):

@@ -44,9 +44,12 @@ def test_report_job_writes_json_and_markdown(mini_run, data_root):
     assert samples["feature_extractor_sha256"] == rfid["feature_extractor_sha256"] and samples["reference_cached"] == rfid["reference_cached"]
     # The reference statistics use pipelines/sample.py's naming, so both jobs share one cache file.
     assert list((data_root / "fid_stats").glob("fashion_mnist-8_test_32_clean_*.npz"))
-    assert section["lpips"]["available"] in (True, False)
+    from eval.lpips_metric import alexnet_weights_path
+
+    # LPIPS is computed exactly when its AlexNet trunk is on disk, and otherwise says why it is not
+    assert section["lpips"]["available"] == alexnet_weights_path().is_file()
     if not section["lpips"]["available"]:
-        assert section["lpips"]["reason"]
+        assert "alexnet" in section["lpips"]["reason"].lower()
     book = section["codebook"]
     assert 0 < book["usage"] <= 1 and book["dead_codes"] == 16 - round(book["usage"] * 16)
     assert len(book["per_position"]["codes_used_per_position"]["values"]) == 64
