@@ -76,20 +76,39 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): values}
 
 
+def _section_absent(key: str, keys: set[str]) -> str:
+    """The shortest dotted prefix of `key` that no key of `keys` lies under (a whole section one side lacks)."""
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:n])
+        if not any(k == prefix or k.startswith(prefix + ".") for k in keys):
+            return prefix
+    return key
+
+
 def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = (),
                      defaults: dict[str, Any] | None = None) -> list[str]:
-    """Dotted names of the settings that differ, `a.b: old -> new`, leaving out `ignore` (prefixes). A setting the
-    saved record lacks (added by a later version) counts as unchanged while it is at its value in `defaults`."""
+    """Dotted names of the settings that differ, `a.b: old -> new`, leaving out `ignore` (prefixes); a whole section
+    only one side has is one entry (`a: added` / `a: removed`). A setting the saved record lacks (added by a later
+    version) counts as unchanged while it is at its value in `defaults`."""
     old, new = _flatten(canonical(saved)), _flatten(canonical(current))
     default = _flatten(canonical(defaults)) if defaults else {}
-    lines = []
+    lines, sections = [], set()
     for key in sorted(set(old) | set(new)):
         if any(key == i or key.startswith(i + ".") for i in ignore):
             continue
         if key not in old and key in default and new.get(key) == default[key]:
             continue
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            lines.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
+        if old.get(key, "<unset>") == new.get(key, "<unset>"):
+            continue
+        if key not in new or key not in old:
+            section = _section_absent(key, set(new) if key not in new else set(old))
+            if section != key:
+                if section not in sections:
+                    sections.add(section)
+                    lines.append(f"{section}: {'removed' if key not in new else 'added'}")
+                continue
+        lines.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
     return lines
 
 
@@ -186,7 +205,8 @@ def claim_folder(folder: Path, job: str, settings: dict[str, Any], *, inputs: tu
                 changed += [f"{k}: {_lookup(saved, k)} -> {_lookup(record, k)}" for k in grown]
                 previous = _set_aside(folder, _entries(folder, owned))
                 claim = Claim(folder, "restarted", previous, changed)
-                print(f"{folder}: settings changed ({'; '.join(changed)}); the previous result is kept in {previous}; "
+                shown_changes = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+                print(f"{folder}: settings changed ({shown_changes}); the previous result is kept in {previous}; "
                       "starting over", file=sys.stderr)
         # A continuation is recorded once it has succeeded: a failed one leaves the record as it was.
         if claim.state in ("new", "restarted"):

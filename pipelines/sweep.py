@@ -9,9 +9,9 @@ Same data, networks, seed and step budget for every model and size; only the qua
 1. the largest size, every model (`models`, default: all of compare's);
 2. the `rivals` strongest other quantizers there (highest test perplexity, then usage) join VQ-WAE at the sizes in
    between, with vqvae as the step-time baseline;
-3. the smallest size, every model;
-4. with generation=true, VQ-WAE and those rivals at the largest size get the same prior and samples (generation
-   FID; the prior's vocabulary is the codebook).
+3. with generation=true, VQ-WAE and those rivals at the largest size get the same prior and samples (generation
+   FID; the prior's vocabulary is the codebook);
+4. the smallest size, every model.
 Each model's steps are jobs under `<output>/K<size>/<model>/` (pipelines/chain.py), each under the run-folder rule:
 a finished step does nothing, so an interrupted sweep resumes where it stopped. Evaluation uses the whole test
 split for every metric but rFID (a codebook of 16,384 needs many images to show its usage; Inception features are
@@ -170,13 +170,13 @@ def sweep(args, output: Path, sizes: list[int], models: list[str], rival_count: 
     rivals = strongest(by_size[largest], rival_count)
     for size in middle:
         by_size[size] = tokenizer_rows(size, [m for m in models if m in (OURS, *rivals, BASELINE)])
-    if smallest != largest:
-        by_size[smallest] = tokenizer_rows(smallest, models)
     if generation:
         for row in by_size[largest]:
             if row["model"] in (OURS, *rivals):
                 print(f"sweep: generation at K = {largest}, {row['model']}", flush=True)
                 row.update(generation_columns(run(largest, row["model"]).generate()))
+    if smallest != largest:
+        by_size[smallest] = tokenizer_rows(smallest, models)
     rows = []
     for size in sizes:
         add_step_time_ratios(by_size[size])

@@ -78,6 +78,11 @@ def test_changed_settings_are_named():
     assert changed_settings({"train": {"lr": 0.001, "cpu": False}}, {"train": {"lr": 3e-4, "cpu": True}},
                             ignore=("train.cpu",)) == ["train.lr: 0.001 -> 0.0003"]
     assert changed_settings({"a": [1, 2]}, {"a": (1, 2), "b": 1}) == ["b: <unset> -> 1"]
+    # a whole section one side lacks is one entry, not one per setting in it (a sweep that drops a model)
+    saved = {"tokenizers": {"16/sqvae": {"lr": 1, "net": {"width": 8}}, "16/vqvae": {"lr": 1}}}
+    current = {"tokenizers": {"16/vqvae": {"lr": 2}}, "extra": {"a": 1, "b": 2}}
+    assert changed_settings(saved, current) == ["extra: added", "tokenizers.16/sqvae: removed",
+                                                "tokenizers.16/vqvae.lr: 1 -> 2"]
 
 
 def test_one_writer_per_folder_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
