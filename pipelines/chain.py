@@ -7,6 +7,7 @@ for a model.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,11 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configio.config import parse_override
+from configio.config import load_config, parse_override
 from configio.errors import ConfigError
 from stage1_tokenizer.quantizers import compare_models
 
+from .cli import JobArgumentParser
+from .settings import EvalConfig, PriorJobConfig, SampleConfig
+
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"
 
 # Each model differs from the others by the overrides its quantizer registers (stage1_tokenizer/quantizers/registry.py).
 MODELS: dict[str, list[str]] = {name: overrides for name, (_, overrides) in compare_models().items()}
@@ -70,6 +75,26 @@ def true_or_false(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     return value
+
+
+def comparison_parser(description: str, output_example: str, overrides_help: str) -> JobArgumentParser:
+    """The command line of a job that compares models: --config, --prior-config, --output and key=value overrides."""
+    parser = JobArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="tokenizer YAML shared by every model, e.g. configs/fashion_mnist.yaml")
+    parser.add_argument("--prior-config", default=str(DEFAULT_PRIOR_CONFIG), help="prior YAML shared by every model")
+    parser.add_argument("--output", required=True, help=f"e.g. {output_example}")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    return parser
+
+
+def section_configs(prior_config: str, sections: dict[str, list[str]], eval_defaults: list[str]
+                    ) -> tuple[EvalConfig, PriorJobConfig, SampleConfig]:
+    """The evaluation, prior and sampling settings every model gets (defaults first, then the user's overrides, which
+    `sections` keeps for the jobs), built and checked before anything runs."""
+    sections["eval"] = [*eval_defaults, *sections["eval"]]
+    sections["sample"] = [*DEFAULT_SAMPLE, *sections["sample"]]
+    return (load_config(EvalConfig, None, sections["eval"]), load_config(PriorJobConfig, prior_config, sections["prior"]),
+            load_config(SampleConfig, None, sections["sample"]))
 
 
 def run_job(module: str, args: list[str], what: str) -> None:
@@ -177,6 +202,13 @@ def generation_columns(generation: dict[str, Any]) -> dict[str, Any]:
                 generation_fid=fid.get("fid"), generation_fid_num_samples=fid.get("num_samples"),
                 generation_fid_num_reference_images=fid.get("num_reference_images"),
                 sampling_seconds=samples.get("sampling_seconds"))
+
+
+def generation_text(g: dict[str, Any], label: str) -> str:
+    """The sentence a comparison's table says about its generation step (g: the budget's generation settings)."""
+    return (f"{label}: the same prior ({g['prior_config']}, {g['prior_steps']} steps, seed {g['prior_seed']}) on each "
+            f"model's train codes; {g['num_samples']} samples each, FID against the first {g['fid_reference_images']} "
+            "test images; bits per code on the val/test codes.")
 
 
 def add_step_time_ratios(rows: list[dict[str, Any]]) -> None:

@@ -23,7 +23,6 @@ from pipelines.job_environment import apply_job_environment
 
 apply_job_environment()  # before torch loads; the jobs this one starts inherit it
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +36,21 @@ from stage1_tokenizer.quantizers import QuantizerConfig
 
 from .chain import (
     DEFAULT_EVAL,
-    DEFAULT_SAMPLE,
     MODELS,
-    ROOT,
     ModelRun,
     add_step_time_ratios,
+    comparison_parser,
+    generation_text,
     model_list,
+    section_configs,
     split_overrides,
     table_row,
     true_or_false,
 )
-from .cli import JobArgumentParser, run_cli
+from .cli import run_cli
 from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 
-DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"
 
 # What compare itself writes in its folder (the rest are the model folders, each step's own).
 COMPARE_OUTPUTS = ("table.md", "table.json", "codebook_usage.png", "samples.png")
@@ -84,10 +83,7 @@ def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]],
         lines.append(f"rFID: {rfid['feature_extractor']} (sha256 `{rfid['feature_extractor_sha256']}`), "
                      f"{rfid['num_images']} reconstructions vs {rfid['num_reference_images']} test images.")
     if budget.get("generation"):
-        g = budget["generation"]
-        lines.append(f"Generation: the same prior ({g['prior_config']}, {g['prior_steps']} steps, seed {g['prior_seed']}) "
-                     f"on each model's train codes; {g['num_samples']} samples each, FID against the first "
-                     f"{g['fid_reference_images']} test images; bits per code on the val/test codes.")
+        lines.append(generation_text(budget["generation"], "Generation"))
     lines += [
         "",
         "| Model | SSIM | PSNR (dB) | LPIPS | rFID | Perplexity | Usage | Dead codes | Prior val/test bits/code | "
@@ -114,22 +110,14 @@ def render_table(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="tokenizer YAML shared by every model, e.g. configs/fashion_mnist.yaml")
-    parser.add_argument("--prior-config", default=str(DEFAULT_PRIOR_CONFIG), help="prior YAML shared by every model")
-    parser.add_argument("--output", required=True, help="e.g. runs/compare-fashion_mnist")
-    parser.add_argument("overrides", nargs="*", help="training key=value, models=[...], eval.k=v, prior.k=v, sample.k=v")
+    parser = comparison_parser(__doc__, "runs/compare-fashion_mnist",
+                               "training key=value, models=[...], eval.k=v, prior.k=v, sample.k=v")
     args = parser.parse_args(argv)
     output = Path(args.output)
     options, sections, train_overrides = split_overrides(args.overrides, ("models", "generation"))
     models = model_list(options.get("models", list(MODELS)))
     generation = true_or_false("generation", options.get("generation", True))
-    sections["eval"] = [*DEFAULT_EVAL, *sections["eval"]]
-    sections["sample"] = [*DEFAULT_SAMPLE, *sections["sample"]]
-    # Every setting of every step is built and checked before anything runs.
-    eval_cfg = load_config(EvalConfig, None, sections["eval"])
-    prior_cfg = load_config(PriorJobConfig, args.prior_config, sections["prior"])
-    sample_cfg = load_config(SampleConfig, None, sections["sample"])
+    eval_cfg, prior_cfg, sample_cfg = section_configs(args.prior_config, sections, DEFAULT_EVAL)
     cfgs = {}
     for name in models:
         cfgs[name] = load_config(TokenizerJobConfig, args.config, [*train_overrides, *MODELS[name]])

@@ -24,7 +24,6 @@ from pipelines.job_environment import apply_job_environment
 
 apply_job_environment()  # before torch loads; the jobs this one starts inherit it
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +34,22 @@ from eval.plots import save_sweep_curves
 from eval.report import PROTOCOL_TEXT
 
 from .chain import (
-    DEFAULT_SAMPLE,
     MODELS,
-    ROOT,
     ModelRun,
     add_step_time_ratios,
+    comparison_parser,
+    generation_text,
     generation_columns,
     model_list,
+    section_configs,
     split_overrides,
     table_row,
     true_or_false,
 )
-from .cli import JobArgumentParser, run_cli
+from .cli import run_cli
 from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 
-DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"
 SWEEP_OUTPUTS = ("table.md", "table.json", "usage_perplexity_vs_codebook_size.png")
 DEFAULT_SIZES = [512, 2048, 8192, 16384]
 DEFAULT_EVAL = ["rfid_images=1000", "fid=false"]
@@ -84,10 +83,7 @@ def render(rows: list[dict[str, Any]], budget: dict[str, Any]) -> str:
         f"{rows[0]['num_test_images']} test images; rFID over the first {budget['rfid_images']} of them.",
     ]
     if budget.get("generation"):
-        g = budget["generation"]
-        lines.append(f"Generation at K = {budget['sizes'][-1]}: the same prior ({g['prior_config']}, {g['prior_steps']} "
-                     f"steps) on each model's train codes; {g['num_samples']} samples each, FID against the first "
-                     f"{g['fid_reference_images']} test images.")
+        lines.append(generation_text(budget["generation"], f"Generation at K = {budget['sizes'][-1]}"))
     lines += [
         "",
         "| K | Model | Perplexity | Usage | Dead codes | PSNR (dB) | SSIM | rFID | Step time vs vqvae | "
@@ -108,12 +104,8 @@ def render(rows: list[dict[str, Any]], budget: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="tokenizer YAML shared by every model, e.g. configs/fashion_mnist.yaml")
-    parser.add_argument("--prior-config", default=str(DEFAULT_PRIOR_CONFIG), help="prior YAML for the generation step")
-    parser.add_argument("--output", required=True, help="e.g. runs/sweep-fashion_mnist")
-    parser.add_argument("overrides", nargs="*", help="sizes=[...], rivals=N, generation=true|false, training key=value, "
-                                                     "eval.k=v, prior.k=v, sample.k=v")
+    parser = comparison_parser(__doc__, "runs/sweep-fashion_mnist", "sizes=[...], models=[...], rivals=N, "
+                               "generation=true|false, training key=value, eval.k=v, prior.k=v, sample.k=v")
     args = parser.parse_args(argv)
     output = Path(args.output)
     options, sections, train_overrides = split_overrides(args.overrides, ("sizes", "models", "rivals", "generation"))
@@ -125,12 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(rivals, int) or isinstance(rivals, bool) or not 0 <= rivals < len(models):
         raise ConfigError(f"rivals: expected a whole number from 0 to {len(models) - 1}, got {rivals!r}")
     generation = true_or_false("generation", options.get("generation", True))
-    sections["eval"] = [*DEFAULT_EVAL, *sections["eval"]]
-    sections["sample"] = [*DEFAULT_SAMPLE, *sections["sample"]]
-    # Every setting of every step is built and checked before anything runs.
-    eval_cfg = load_config(EvalConfig, None, sections["eval"])
-    prior_cfg = load_config(PriorJobConfig, args.prior_config, sections["prior"])
-    sample_cfg = load_config(SampleConfig, None, sections["sample"])
+    eval_cfg, prior_cfg, sample_cfg = section_configs(args.prior_config, sections, DEFAULT_EVAL)
     tokenizers = {}
     for size in sizes:
         for name in models:
@@ -188,7 +175,8 @@ def sweep(args, output: Path, sizes: list[int], models: list[str], rival_count: 
               "rfid_images": eval_cfg.rfid_images, "config": args.config, "training_overrides": train_overrides}
     if generation:
         budget["generation"] = {"prior_config": args.prior_config, "prior_overrides": sections["prior"],
-                                "prior_steps": prior_cfg.train.max_steps, "num_samples": sample_cfg.num_samples,
+                                "prior_steps": prior_cfg.train.max_steps, "prior_seed": prior_cfg.seed,
+                                "num_samples": sample_cfg.num_samples,
                                 "fid_reference_images": sample_cfg.fid_reference_images}
     atomic_write_text(output / "table.md", render(rows, budget))
     save_sweep_curves(rows, output / "usage_perplexity_vs_codebook_size.png")
