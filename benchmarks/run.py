@@ -161,19 +161,7 @@ def bench_step(batch: int, image_size: int, repeats: int, use_trained: bool) -> 
         for m in models.values():
             m.load_state_dict(state, strict=False)
         weights = f"trained ({TRAINED})"
-    optims = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
-
-    def step(name):
-        def run():
-            model, opt = models[name], optims[name]
-            out = model(images)
-            loss = sum(out.losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run
-
-    t = interleaved({k: step(k) for k in models}, repeats)
+    t = _timed_steps(models, images, repeats)
     return {
         "batch": batch, "image_size": image_size, "latent_grid": image_size // 4, "K": 512, "D": 64, "data": data,
         "weights": weights, "repeats": repeats,
