@@ -196,10 +196,11 @@ def evaluate_reconstructions(
     position_counts = torch.zeros(side * side, tokenizer.codebook_size, dtype=torch.long)
     paper = {"psnr": 0.0, "ssim": 0.0}
     recon_feats = []
-    seen = [0]
+    seen = 0  # images scored so far
 
     def per_batch(images: torch.Tensor, recon: torch.Tensor, indices: torch.Tensor) -> None:
         """What the pass of `evaluate_tokenizer` does not: codes per position, LPIPS, paper-protocol metrics, rFID."""
+        nonlocal seen
         flat = indices.reshape(len(images), -1).cpu()
         position_counts.scatter_add_(1, flat.T.contiguous(), torch.ones_like(flat.T))
         if protocol == "paper":
@@ -214,19 +215,18 @@ def evaluate_reconstructions(
         t = time.perf_counter()
         metric_lpips.update(lp_r, lp_i)
         timings["lpips"] += time.perf_counter() - t
-        n = seen[0]
-        if fid_reference is not None and n < len(fid_reference.dataset):  # the reference's images come first
+        if fid_reference is not None and seen < len(fid_reference.dataset):  # the reference's images come first
             t = time.perf_counter()
-            recon_feats.append(fid_reference.features(recon[: len(fid_reference.dataset) - n].cpu()))
+            recon_feats.append(fid_reference.features(recon[: len(fid_reference.dataset) - seen].cpu()))
             timings["rfid_features"] += time.perf_counter() - t
-        seen[0] = n + len(images)
+        seen += len(images)
 
     started = time.perf_counter()
     base, counts, _ = evaluate_tokenizer(tokenizer, dataset, "test", batch_size, device, num_examples=1,
                                          progress=progress, on_batch=per_batch)
     own = timings["lpips"] + timings["paper_psnr_ssim"] + timings["rfid_features"]
     timings["reconstruction_psnr_ssim_codebook"] = time.perf_counter() - started - own
-    n = seen[0]
+    n = seen
 
     section: dict[str, Any] = {"num_images": int(base["num_images"]), "split": "test"}
     if protocol == "clean":
