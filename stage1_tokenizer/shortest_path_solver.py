@@ -9,6 +9,9 @@ costs nonnegative and the plan on tight edges, so the result is an exact optimum
 at the end by the duality gap; see ``solve_position``.
 
 What keeps the cost near-linear in K x B (``make bench`` has the figures):
+- The whole problem starts from the optimal latent potentials of a subsample of the codewords (every 8th, or 64th
+  and then 8th), solved the same way: exact potentials of a subsample are close to the whole problem's, where
+  coordinate ascent from scratch stalls when the latents lie close together (a trained tokenizer's).
 - A sweep of coordinate ascent balances the loads before the first path; each latent's price is an order
   statistic, found by group bounds and a linear-time selection (a quadratic step here once made a sweep grow
   with K^2 / B).
@@ -45,6 +48,9 @@ OK, NO_PROGRESS, GAP, NON_FINITE, OVERFLOW = 0, 1, 2, 3, 4
 STATUS_NAMES = {OK: "optimal", NO_PROGRESS: "no augmenting path", GAP: "duality gap above tolerance",
                 NON_FINITE: "cost or weights not finite", OVERFLOW: "more split codewords than the plan buffer holds"}
 _MAX_SWEEPS = 4
+# Coarse-to-fine start (``_solve_position``): subsample strides grow by this factor while every latent still gets at
+# least _COARSEST codewords.
+_COARSE_FACTOR, _COARSEST = 8, 8
 
 
 @njit(cache=True, nogil=True)
@@ -390,9 +396,10 @@ def _release(slot, codes, count):
 
 
 @njit(cache=True, nogil=True)
-def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
-    """``solve_position``, also returning the plan's support: latent i holds codewords codes[i, :count[i]]. X must be
-    all zero on entry (clearing only the support afterwards is much cheaper than clearing B x K entries)."""
+def _solve_from(CT, a, b, X, q, p, mass_tol, gap_tol, work, warm):
+    """``solve_position`` from latent potentials p when ``warm`` (else from a start of its own), also returning the
+    plan's support: latent i holds codewords codes[i, :count[i]]. X must be all zero on entry (clearing only the
+    support afterwards is much cheaper than clearing B x K entries)."""
     B, K = CT.shape
     # C: CT transposed, the same values (float32 costs stay float32: half the memory traffic).
     C, codes, code_pot, slot, sweep_floats, sweep_ints, extra = work
@@ -413,7 +420,8 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
             positive += 1
     if not finite:
         return 0.0, NON_FINITE, 0, codes, count
-    p[:] = 0.0
+    if not warm:
+        p[:] = 0.0
     unit = 1.0 / positive
     same_mass = True
     for k in range(K):
@@ -428,7 +436,7 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
     # Start from p = 0 or from each latent's mean cost, whichever leaves fewer codewords in excess. The mean
     # cancels the |latent|^2 part of the cost, which decides every codeword's preference while the codebook is
     # still near the origin (a fresh tokenizer); with a trained codebook p = 0 is usually better.
-    if B > 1:
+    if B > 1 and not warm:
         centred = np.empty(B)
         for i in range(B):
             total = 0.0
@@ -440,10 +448,10 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
                 < _sampled_imbalance(CT, p, unit_a, b, 8, best, near)):
             p[:] = centred
     # Sweeps while the loads are far from balanced: a sweep costs a few passes over the costs and removes a large
-    # share of the imbalance, hence of the shortest paths; a trained tokenizer's latents need one or two, a fresh
-    # one's (every codeword near the origin) a few more.
+    # share of the imbalance, hence of the shortest paths. From a subsample's potentials (warm) the paths left are
+    # cheaper than a sweep.
     sweeps = 0
-    while B > 1 and sweeps < _MAX_SWEEPS:
+    while B > 1 and sweeps < (0 if warm else _MAX_SWEEPS):
         sweeps += 1
         if _balance_potentials(CT, unit_a, b, p, sweep_floats, sweep_ints) <= 4.0 * K / B:
             break
@@ -537,6 +545,43 @@ def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
     if abs(cost - dual) > tol or worst < -tol:
         return cost, GAP, augmentations, codes, count
     return cost, OK, augmentations, codes, count
+
+
+@njit(cache=True, nogil=True)
+def _solve_position(CT, a, b, X, q, p, mass_tol, gap_tol, work):
+    """``_solve_from`` started coarse to fine: the problem restricted to every s-th codeword (equal masses) is solved
+    exactly for s = ..., 64, 8 (while each latent still gets ``_COARSEST`` codewords), each from the latent
+    potentials of the one before, and the whole problem from the last. The optimal latent potentials of a
+    subsample are close to those of the whole codebook, so the sweeps and paths of the whole problem only correct
+    sampling noise: on a trained tokenizer's latents (close together, where the sweeps alone converge slowly)
+    stage 1 needs a few hundred paths instead of thousands. Exactness does not depend on it."""
+    B, K = CT.shape
+    stride = 1
+    while K // (stride * _COARSE_FACTOR) >= _COARSEST * B:
+        stride *= _COARSE_FACTOR
+    warm = False
+    C, codes, code_pot, slot, floats, ints, extra = work
+    while stride > 1 and B > 1:
+        sub = np.ascontiguousarray(CT[:, ::stride])
+        n = sub.shape[1]
+        uniform = np.empty(n)
+        total = 0.0
+        for j in range(n):
+            uniform[j] = 1.0 if a[j * stride] > 0 else 0.0
+            total += uniform[j]
+        if total < B:
+            break
+        uniform /= total
+        sub_work = (C[:n], codes[:, :n], code_pot[:, :n], slot[:n], floats[: 7 * n], ints[: 2 * n], extra[:, :n])
+        _, status, _, sub_codes, count = _solve_from(sub, uniform, b, X[:, :n], q[:n], p, mass_tol, gap_tol,
+                                                     sub_work, warm)
+        for i in range(B):
+            for s in range(count[i]):
+                X[i, sub_codes[i, s]] = 0.0
+        _release(slot[:n], sub_codes, count)
+        warm = status == OK
+        stride //= _COARSE_FACTOR
+    return _solve_from(CT, a, b, X, q, p, mass_tol, gap_tol, work, warm)
 
 
 @njit(cache=True, nogil=True)
