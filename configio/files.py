@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -69,6 +71,18 @@ def remove_orphans(directory: Path) -> list[Path]:
     return removed
 
 
+@contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """Make a stalled download fail instead of hanging: urllib, torchvision's and clean-fid's downloads inherit
+    the default socket timeout."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -77,8 +91,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` fills a hidden temporary beside `path`, which is then renamed over it."""
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)` fills a hidden temporary beside `path`, which is then renamed over it: the one way this
+    project writes a file, so a reader sees the old file or the whole new one, never part of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
@@ -96,7 +111,7 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -108,7 +123,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    _write_atomically(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                                                   metadata=metadata))
 
 

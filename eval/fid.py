@@ -65,7 +65,7 @@ import torch
 
 from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
-from configio.files import atomic_write_bytes
+from configio.files import atomic_write_bytes, socket_timeout
 
 __all__ = [
     "FIDError",
@@ -255,15 +255,10 @@ def _try_cleanfid_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
         except BaseException as exc:  # noqa: BLE001 - any failure means "not available"
             result["error"] = exc
 
-    import socket
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
+    with socket_timeout(timeout):
         t = threading.Thread(target=work, daemon=True)
         t.start()
         t.join(timeout * 3)
-    finally:
-        socket.setdefaulttimeout(old)
     try:
         if t.is_alive() or "path" not in result:
             return None

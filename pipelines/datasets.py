@@ -30,20 +30,19 @@ Fashion-MNIST (the default) is looked for, in order: (1) torchvision's layout `<
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import shutil
-import socket
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from configio.errors import ConfigError, DatasetError
+from configio.files import atomic_save_safetensors, atomic_write, socket_timeout
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "svhn", "celeba", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -142,20 +141,6 @@ class TensorImageDataset(Dataset):
         return self.images[index].float().div_(255.0), int(self.labels[index])
 
 
-class _IndexedDataset(Dataset):
-    """A view of `base` through `indices`."""
-
-    def __init__(self, base: Any, indices: list[int]):
-        self.base = base
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.base[self.indices[index]]
-
-
 class _CelebAImages(Dataset):
     """Wraps torchvision's CelebA so an unreadable image raises DatasetError naming the file; label 0."""
 
@@ -229,17 +214,6 @@ def _root(cfg: DataConfig) -> Path:
     return Path(cfg.root).expanduser()
 
 
-@contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    """Make a stalled download fail instead of hanging (urllib inherits the default socket timeout)."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def resize_uint8(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     """(N, C, H, W) uint8 -> (N, C, size, size) uint8 by bilinear interpolation with antialiasing."""
     if images.shape[-2:] == (size, size):
@@ -250,11 +224,6 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Te
         block = F.interpolate(block, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[start : start + chunk] = block.round_().clamp_(0, 255).to(torch.uint8)
     return out
-
-
-def _make_readable(path: str | Path) -> None:
-    """mkstemp creates 0600 files; make finished data files world-readable like a normal download."""
-    os.chmod(path, 0o644)
 
 
 def _cache_path(root: Path, name: str, split: str, size: int) -> Path:
@@ -279,18 +248,7 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     """Best effort: an unwritable root only costs the resize on the next start."""
     try:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp)
-            _make_readable(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_safetensors({"images": images, "labels": labels}, path)
     except OSError:
         pass
 
@@ -338,7 +296,7 @@ def _open_torchvision(cfg: DataConfig, make: Callable[[bool], Any], manual: str)
             f"set data.download=true to let torchvision download it, or {manual}",
         ) from None
     try:
-        with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+        with socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
             return make(True)
     except Exception as err:  # urllib/http/gdown errors, md5 mismatch, ...
         raise _missing_error(
@@ -363,20 +321,16 @@ def _decompress_gz_into(sources: list[Path], raw: Path) -> bool:
             target = raw / name
             if target.is_file():
                 continue
-            fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
+            plain = source / name
+
+            def decompress(tmp: str, plain: Path = plain, name: str = name) -> None:
+                with open(tmp, "wb") as out, (open(plain, "rb") if plain.is_file()
+                                              else gzip.open(source / f"{name}.gz", "rb")) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
             try:
-                with os.fdopen(fd, "wb") as out:
-                    plain = source / name
-                    if plain.is_file():
-                        with open(plain, "rb") as src:
-                            shutil.copyfileobj(src, out, 1 << 20)
-                    else:
-                        with gzip.open(source / f"{name}.gz", "rb") as src:
-                            shutil.copyfileobj(src, out, 1 << 20)
-                _make_readable(tmp)
-                os.replace(tmp, target)
+                atomic_write(target, decompress)
             except (OSError, EOFError, gzip.BadGzipFile) as err:
-                Path(tmp).unlink(missing_ok=True)
                 raise DatasetError(
                     f"cannot decompress '{source / (name + '.gz')}' into {raw} ({_short(err, 100)}); "
                     f"reinstall or re-download that file"
@@ -413,7 +367,7 @@ def _load_mnist_family(cfg: DataConfig) -> tuple[tuple[torch.Tensor, torch.Tenso
                 f"'sudo apt-get install dataset-fashion-mnist' or set data.download=true so torchvision can download it"
             )
         try:
-            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+            with socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
                 train, test = make(True)
         except Exception as err:
             raise DatasetError(
@@ -447,9 +401,7 @@ def _load_svhn(cfg: DataConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], tupl
     from torchvision import datasets as tvd
 
     root = _root(cfg) / "svhn"
-    try:
-        import scipy.io  # noqa: F401  (torchvision's SVHN reads .mat files with scipy)
-    except ImportError:
+    if importlib.util.find_spec("scipy") is None:  # torchvision's SVHN reads its .mat files with scipy
         raise DatasetError("SVHN needs scipy to read its .mat files; install it with 'pip install scipy'") from None
     train, test = _open_torchvision(
         cfg,
@@ -496,7 +448,7 @@ def _celeba_splits(cfg: DataConfig) -> dict[str, Dataset]:
             cfg, lambda d, s=theirs: tvd.CelebA(str(root), split=s, target_type=[], transform=transform, download=d), manual
         )
         wrapped = _CelebAImages(base)
-        out[ours] = wrapped if cfg.limit is None or cfg.limit >= len(wrapped) else _IndexedDataset(wrapped, list(range(cfg.limit)))
+        out[ours] = wrapped if cfg.limit is None or cfg.limit >= len(wrapped) else Subset(wrapped, range(cfg.limit))
     return out
 
 

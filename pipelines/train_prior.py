@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PriorJobConfig, Path, Pat
 
 def main(argv: list[str] | None = None) -> None:
     cfg, codes_dir, output, given = parse_args(argv)
-    train(PriorTask(cfg, codes_dir, given), cfg.train, cfg.seed, output, cfg)
+    train(PriorTask(cfg, codes_dir, given), cfg, output)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class TokenizerTask(TrainingTask):
                               "the LR schedule: give it images (data.val_size > 0)")
         limit = cfg.train.eval_images
         self.val_set = val if limit is None or limit >= len(val) else Subset(val, range(limit))
-        self.running_counts = torch.zeros(self.tokenizer_cfg.quantizer.codebook_size, dtype=torch.float64)
+        self.state = {"running_counts": torch.zeros(self.tokenizer_cfg.quantizer.codebook_size, dtype=torch.float64)}
 
     def build_model(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_cfg)
@@ -68,9 +68,10 @@ class TokenizerTask(TrainingTask):
         images = batch[0].to(accelerator.device, non_blocking=True)
         out = model(images)
         # Usage over the last ~50 batches: a per-batch perplexity depends on the batch size.
-        self.running_counts.mul_(0.98).add_(torch.bincount(out.indices.flatten().cpu(), minlength=len(self.running_counts)))
+        counts = self.state["running_counts"].mul_(0.98)
+        counts.add_(torch.bincount(out.indices.flatten().cpu(), minlength=len(counts)))
         logs = {k: float(v.detach()) for k, v in {**out.losses, **out.stats}.items()}
-        logs["running_perplexity"] = float(perplexity(self.running_counts))
+        logs["running_perplexity"] = float(perplexity(counts))
         return sum(out.losses.values()), logs
 
     def progress(self, logs):
@@ -123,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerJobConfig, Path]
 
 def main(argv: list[str] | None = None) -> None:
     cfg, output = parse_args(argv)
-    train(TokenizerTask(cfg, output), cfg.train, cfg.seed, output, cfg)
+    train(TokenizerTask(cfg, output), cfg, output)
 
 
 if __name__ == "__main__":

@@ -266,6 +266,9 @@ class TrainingTask:
     job_record: dict[str, Any]  # what defines the run besides the config (e.g. the code files used)
     inputs: tuple[Path, ...] = ()  # folders the job reads; its output may not overlap them
     incidental: tuple[str, ...] = ()  # settings of this run that do not change its result (never compared)
+    # What the task itself carries from step to step (tensors, numbers): saved in every checkpoint and restored on
+    # resume, so that a resumed run logs exactly what an uninterrupted one would.
+    state: dict[str, Any] = {}
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -326,15 +329,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return None
 
 
-def train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_config: Any) -> dict[str, Any] | None:
+def train(task: TrainingTask, job_config: Any, output: Path) -> dict[str, Any] | None:
     """Run `task` to cfg.max_steps under the run-folder rule (pipelines/run_folder.py), export, evaluate, write
     metrics.json.
 
     The same settings resume from the newest checkpoint or, when the run is finished, do nothing; a raised
     train.max_steps continues; other changes start over with the earlier result set aside. Returns the metrics on the
-    main process (None on the others). `job_config` is the job's whole config dataclass; with `task.job_record` it
-    is the folder's record (job_config.yaml).
+    main process (None on the others). `job_config` is the job's whole config dataclass (its `train` and `seed` drive
+    the loop); with `task.job_record` it is the folder's record (job_config.yaml).
     """
+    cfg, seed = job_config.train, job_config.seed
     check_seed(seed)
     output = Path(output)
     accelerator = build_accelerator(cfg.mixed_precision, cfg.cpu, output)
@@ -367,6 +371,7 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     state = {"step": 0, "best_val": math.inf, "best_step": -1, "train_seconds": 0.0}
     if resume_from is not None:
         names = ["optimizer", "trainer"] + (["scheduler"] if scheduler is not None else [])
+        names += ["task"] if (resume_from / "task.json").is_file() else []  # checkpoints of before task state
         loaded = checkpoints.load(resume_from, model, names)
         try:
             optimizer.load_state_dict(loaded["optimizer"])
@@ -376,6 +381,7 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
             raise CheckpointError(f"checkpoint '{resume_from}' is corrupt or does not fit these settings "
                                   f"({' '.join(str(err).split())[:200]}); delete that folder or choose another output") from None
         state.update(check_trainer_state(loaded["trainer"], resume_from, cfg.max_steps))
+        task.state.update({k: v for k, v in loaded.get("task", {}).items() if k in task.state})
         accelerator.print(f"resuming from {resume_from} at step {state['step']}")
     # Stale results must not outlive the run that replaces them; the export (the make target) goes first, so a
     # present export always comes with its metrics. Both are written again at the end.
@@ -431,7 +437,7 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
                 if is_main:
-                    states = {"optimizer": optimizer.state_dict(), "trainer": dict(state)}
+                    states = {"optimizer": optimizer.state_dict(), "trainer": dict(state), "task": task.state}
                     if scheduler is not None:
                         states["scheduler"] = scheduler.state_dict()
                     checkpoints.save(step, raw_model, states)

@@ -209,8 +209,7 @@ def _compare_with_cleanfid(folders, ext):
 
 
 def test_fid_between_folders_matches_cleanfid_compute_fid(folders, extractor):
-    ours = _compare_with_cleanfid(folders, Projected(extractor))
-    assert ours["fid"] > 0
+    _compare_with_cleanfid(folders, Projected(extractor))
 
 
 @pytest.mark.slow
@@ -458,5 +457,7 @@ def test_cli_success_prints_json(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["mode"] == "clean" and out["resolution"] == "native"
-    assert out["num_images_a"] == out["num_images_b"] == 3 and out["fid"] > 0
+    assert out["num_images_a"] == out["num_images_b"] == 3
+    with pytest.warns(UserWarning, match="rank deficient"):  # the CLI prints the library's number, unrounded
+        assert out["fid"] == F.fid_between_folders(a, b, extractor=FakeExtractor(), batch_size=3)["fid"]
     assert "rank deficient" in captured.err

@@ -57,6 +57,7 @@ class ToyTask(TrainingTask):
         self.val = torch.randn(16, 4, generator=g)
         self.job_record = {}
         self.fail_at_step, self.diverge_at_step = fail_at_step, diverge_at_step
+        self.state = {"steps_seen": torch.zeros((), dtype=torch.int64)}  # task state: must survive a resume
 
     def build_model(self):
         return Toy(ToyConfig())
@@ -67,6 +68,7 @@ class ToyTask(TrainingTask):
     def training_step(self, model, batch, step, accelerator):
         if step == self.fail_at_step:
             raise KeyboardInterrupt  # a kill: the process stops between checkpoints
+        self.state["steps_seen"] += 1
         x, y = (t.to(accelerator.device) for t in batch)
         loss = (model(x) - y).pow(2).mean()
         return (loss * float("nan") if step == self.diverge_at_step else loss), {}
@@ -80,14 +82,14 @@ class ToyTask(TrainingTask):
         return Toy.from_pretrained(directory)
 
     def final_metrics(self, model, accelerator):
-        return {"test_mse": self.validate(model, accelerator)}
+        return {"test_mse": self.validate(model, accelerator), "steps_seen": int(self.state["steps_seen"])}
 
 
 def run(output, fail_at_step=None, diverge_at_step=None, **settings):
     base = {"batch_size": 8, "max_steps": 17, "eval_every": 3, "checkpoint_every": 4, "log_every": 1, "lr": 0.05,
             "resume": "latest", "cpu": True, **settings}
     cfg = from_dict(TrainConfig, base)
-    return train(ToyTask(fail_at_step, diverge_at_step), cfg, seed=0, output=output, job_config=ToyJob(0, ToyConfig(), cfg))
+    return train(ToyTask(fail_at_step, diverge_at_step), ToyJob(0, ToyConfig(), cfg), output)
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "cosine", "constant"])
@@ -101,7 +103,7 @@ def test_interrupted_run_resumes_bit_identical_across_epochs(tmp_path, schedule)
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     reference.pop("train_seconds"), resumed.pop("train_seconds")
-    assert resumed == reference
+    assert resumed == reference and resumed["steps_seen"] == 17  # the task's own state came back from step 8
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["steps"] == 17
 
 
