@@ -4,7 +4,7 @@
 `(image, label)`: `image` a float32 tensor (C, S, S) with pixels in [0, 1] (no normalization, no
 augmentation), `label` an int. `dataset_info(cfg)` gives channels / classes / size without reading data.
 
-Splits (PAPER.md, "Data splits used"):
+Splits (the paper's):
   * mnist, fashion_mnist: official 60k train -> 50k train / 10k val (`val_size`), official 10k test;
     1 channel, 28x28 resized to `image_size` (the paper: 32).
   * cifar10: 50k train -> 40k / 10k, official 10k test; 3 channels, native 32x32.

@@ -112,9 +112,6 @@ class PriorTask(TrainingTask):
     def validate(self, model, accelerator) -> float:
         return bits_per_code(model, self.val, self.cfg.train.eval_batch_size, accelerator)
 
-    def load_export(self, directory: Path, device: torch.device) -> CodePrior:
-        return CodePrior.from_pretrained(directory, map_location=device)
-
     def final_metrics(self, model, accelerator) -> dict[str, Any]:
         batch = self.cfg.train.eval_batch_size
         val_bpc = bits_per_code(model, self.codes["val"], batch, accelerator)

@@ -92,9 +92,6 @@ class TokenizerTask(TrainingTask):
         total = accelerator.reduce(total, reduction="sum")
         return float(total[0] / total[1].clamp_min(1))
 
-    def load_export(self, directory: Path, device: torch.device) -> Tokenizer:
-        return Tokenizer.from_pretrained(directory, map_location=device)
-
     def final_metrics(self, model, accelerator) -> dict[str, Any]:
         if not accelerator.is_main_process:
             return {}

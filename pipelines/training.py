@@ -258,6 +258,7 @@ class TrainingTask:
 
     The loop calls, in order: `build_model()` (after seeding), `training_step()` once per step, `validate()` every
     train.eval_every steps, and at the end `final_metrics()` with the exported weights; it owns everything else.
+    The model is a HubModel (configio.hub): the loop saves and reloads it by its own save/from_pretrained.
     """
 
     name: str = "model"  # progress bar, TensorBoard project and messages
@@ -287,9 +288,6 @@ class TrainingTask:
     def progress(self, logs: dict[str, float]) -> dict[str, str]:
         """A few of `logs` for the progress bar."""
         return {}
-
-    def load_export(self, directory: Path, device: torch.device) -> nn.Module:
-        raise NotImplementedError
 
     def final_metrics(self, model: nn.Module, accelerator) -> dict[str, Any]:
         """Test-split metrics of the exported model, called on every process (the main one's are written)."""
@@ -452,7 +450,8 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     accelerator.wait_for_everyone()
 
     export_best = cfg.export == "best" and (output / "best" / WEIGHTS_NAME).is_file()
-    final = task.load_export(output / "best", accelerator.device) if export_best else raw_model.eval()
+    # The model is a HubModel: its best weights come back the way any user loads them.
+    final = type(raw_model).from_pretrained(output / "best", map_location=accelerator.device) if export_best else raw_model.eval()
     metrics = task.final_metrics(final, accelerator)
     accelerator.end_training()
     if not is_main:

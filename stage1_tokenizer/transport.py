@@ -42,9 +42,8 @@ Design
 
 Solvers
 - ``"exact"`` (default): exact. Successive shortest paths over the B latents (``shortest_path_solver``,
-  numba), which exploits K >> B: about 4x faster per problem than the network simplex on a trained
-  tokenizer's latents at K = 512, B = 32; used where B <= 128 and K >= 4B, the network simplex elsewhere
-  (where it is as fast or faster: ``make bench``, scaling section).
+  numba), which exploits K >> B; used where B <= 128 and K >= 4B, the network simplex elsewhere (where it is as
+  fast or faster: ``make bench``, scaling section).
 - ``"dense"``: exact, POT's network simplex (``ot.emd``) on every position; the reference the tests and the
   benchmark compare against. (Column generation over a sparse edge set was also tried: slower.)
 """
@@ -148,9 +147,7 @@ def _solve_dense(a, b, C_t, num_iter_max, m):
     cost, u, v (POT's: duals centred, zero-weight codewords dropped from the solve and given the largest feasible
     potential).
 
-    POT's public ``ot.emd``; measured against its private ``emd_c`` with the same post-processing (2 cores, idle,
-    interleaved medians, K = 512, B = 32): 1.04x per problem (1.10x with a third of the weights zero, 1.07x at
-    K = 64, B = 128), 1.03x on the whole ``solver="dense"`` term (73.6 vs 71.7 ms)."""
+    POT's public ``ot.emd``: its private ``emd_c`` with the same post-processing was measured no faster."""
     if not np.isfinite(C_t).all():
         raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
     plan, log = ot.emd(a, b, np.ascontiguousarray(C_t.T, dtype=np.float64), numItermax=num_iter_max, log=True)

@@ -133,8 +133,8 @@ class VQWAEQuantizer(Quantizer):
             kl = (weights * (torch.log(weights.clamp_min(1e-30)) + math.log(self.codebook_size))).sum()
             extra["kl"] = self.kl_weight * kl / self.codebook_size
             stats["pi_perplexity"] = perplexity(weights.detach()).mean()
-        # The transport term's graph after the KL term's: autograd then sums the weights' gradient in the same order
-        # as before (bit-identical training).
+        # The transport term's graph after the KL term's: autograd sums the weights' two gradients in the order the
+        # terms are built, and the other order changes training in the last bits.
         transport = wasserstein_loss(latents, codebook, ot_weights, solver=self.solver, costs=costs)
         losses = {"wasserstein": self.beta * scale * transport, **extra}
         quantized = z + (codewords - z).detach()

@@ -78,9 +78,6 @@ class ToyTask(TrainingTask):
         model.eval()
         return float((model(self.val) - self.val.sum(1, keepdim=True)).pow(2).mean())
 
-    def load_export(self, directory, device):
-        return Toy.from_pretrained(directory)
-
     def final_metrics(self, model, accelerator):
         return {"test_mse": self.validate(model, accelerator), "steps_seen": int(self.state["steps_seen"])}
 
