@@ -43,7 +43,6 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import io
@@ -63,6 +62,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from configio.cli import JobArgumentParser, run_cli
 from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
 from configio.files import atomic_write_bytes, socket_timeout
@@ -704,27 +704,8 @@ def reference_statistics(name: str, split: str, resolution: int, images_fn: Call
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (``error: ...``) and exit status 2, like every job."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(
+def main(argv: list[str] | None = None) -> None:
+    parser = JobArgumentParser(
         prog="python -m eval.fid",
         description="FID between two image folders: clean-fid 'clean' mode at native resolution "
                     "(grayscale images are converted to 3 channels by PIL convert('RGB')). "
@@ -733,14 +714,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir_a")
     parser.add_argument("dir_b")
     parser.add_argument("--extractor", default=None, help="TorchScript Inception file (default: resolve automatically)")
-    parser.add_argument("--batch-size", type=_count(1), default=32)
-    parser.add_argument("--num-workers", type=_count(0), default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--no-download", action="store_true", help="never try clean-fid's download")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--frechet", choices=FRECHET_METHODS, default="auto",
                         help="auto: exact low-rank formula when a side has N < 2048 images, else clean-fid's sqrtm")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch-size must be at least 1 and --num-workers at least 0")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small-sample warnings are reported below, once
@@ -748,14 +731,12 @@ def main(argv: list[str] | None = None) -> int:
                                          num_workers=args.num_workers, device=args.device,
                                          allow_download=False if args.no_download else None,
                                          progress=not args.no_progress, frechet_method=args.frechet)
-    except (UserError, RuntimeError, ValueError, OSError) as exc:  # FIDError is a UserError; torch errors too
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+    except (RuntimeError, ValueError) as exc:  # torch's own errors on bad input: one line too
+        raise FIDError(exc) from None
     for msg in result.get("warnings", []):
         print(f"warning: {msg}", file=sys.stderr)
     print(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

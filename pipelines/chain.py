@@ -23,7 +23,7 @@ from configio.config import load_config, parse_override
 from configio.errors import ConfigError
 from stage1_tokenizer.quantizers import compare_models
 
-from .cli import JobArgumentParser
+from configio.cli import JobArgumentParser
 from .settings import EvalConfig, PriorJobConfig, SampleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ from .chain import (
     table_row,
     true_or_false,
 )
-from .cli import run_cli
+from configio.cli import run_cli
 from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 

@@ -41,7 +41,7 @@ from eval.image_metrics import psnr_per_image, ssim_per_image
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
-from .cli import JobArgumentParser, run_cli
+from configio.cli import JobArgumentParser, run_cli
 from .datasets import build_splits, resize_uint8
 from .generation import check_pair, draw, sample_labels
 from .runs import job_seed, load_codes, tokenizer_data_config

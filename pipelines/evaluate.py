@@ -38,7 +38,7 @@ from eval.report import (
 )
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
-from .cli import JobArgumentParser
+from configio.cli import JobArgumentParser
 from .datasets import build_splits
 from .run_folder import claim_folder
 from .runs import job_seed, tokenizer_data_config
@@ -266,6 +266,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 if __name__ == "__main__":
-    from .cli import run_cli
+    from configio.cli import run_cli
 
     run_cli(main)

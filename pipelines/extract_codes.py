@@ -27,7 +27,7 @@ from configio.config import to_dict
 from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
-from .cli import JobArgumentParser
+from configio.cli import JobArgumentParser
 from .datasets import build_splits, dataset_info
 from .run_folder import claim_folder
 from .runs import (
@@ -123,6 +123,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_cli
+    from configio.cli import run_cli
 
     run_cli(main)

@@ -33,7 +33,7 @@ from eval.report import FIDReference
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
-from .cli import JobArgumentParser
+from configio.cli import JobArgumentParser
 from .datasets import DataConfig, build_splits
 from .generation import check_pair, sample_labels
 from .generation import draw as draw_images
@@ -129,6 +129,6 @@ def write_samples(cfg: SampleConfig, tokenizer: Tokenizer, tokenizer_dir: Path, 
 
 
 if __name__ == "__main__":
-    from .cli import run_cli
+    from configio.cli import run_cli
 
     run_cli(main)

@@ -29,7 +29,7 @@ from configio.errors import ConfigError
 from configio.files import file_sha256
 from stage2_prior.model import CodePrior, PriorConfig
 
-from .cli import JobArgumentParser, run_cli
+from configio.cli import JobArgumentParser, run_cli
 from .resources import check_fits_prior
 from .runs import CODE_SPLITS, CodeSet, load_code_splits
 from .settings import PriorJobConfig

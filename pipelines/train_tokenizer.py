@@ -28,7 +28,7 @@ from stage1_tokenizer.model import Tokenizer
 from stage1_tokenizer.quantizers import SPECS
 from stage1_tokenizer.quantizers.base import perplexity
 
-from .cli import JobArgumentParser, run_cli
+from configio.cli import JobArgumentParser, run_cli
 from .datasets import build_splits
 from .resources import check_fits_tokenizer
 from .settings import TokenizerJobConfig

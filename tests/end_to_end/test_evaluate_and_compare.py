@@ -174,7 +174,7 @@ def test_run_without_tokenizer_is_one_line_error(tmp_path, capsys):
 
 
 def in_process_error(main, argv, capsys, fragment):
-    from pipelines.cli import run_cli
+    from configio.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(list(map(str, argv))))

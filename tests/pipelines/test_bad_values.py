@@ -4,7 +4,7 @@ import pytest
 from helpers import write_code_set
 
 from pipelines import sample, train_prior, train_tokenizer
-from pipelines.cli import run_cli
+from configio.cli import run_cli
 
 
 def one_line_error(main, argv, capsys, fragment):
