@@ -6,7 +6,7 @@ On a Space (which sets SPACE_ID) it binds 0.0.0.0:7860 as Spaces expect; anywher
 import os
 from pathlib import Path
 
-from pipelines.cli import run_cli
+from configio.cli import run_cli
 from pipelines.demo import DemoRun, build_app, launch
 
 

@@ -65,7 +65,7 @@ import torch
 from configio.cli import JobArgumentParser, run_cli
 from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
-from configio.files import atomic_write_bytes, socket_timeout
+from configio.files import atomic_write, atomic_write_bytes, socket_timeout
 
 __all__ = [
     "FIDError",
@@ -263,9 +263,7 @@ def _try_cleanfid_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
         if t.is_alive() or "path" not in result:
             return None
         _load_script(result["path"])  # must be a loadable TorchScript
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        shutil.move(result["path"], target + ".part")
-        os.replace(target + ".part", target)
+        atomic_write(Path(target), lambda tmp: shutil.copyfile(result["path"], tmp))
         return target
     except Exception:  # noqa: BLE001
         return None

@@ -95,26 +95,21 @@ def features(folders, extractor):
 
 
 # ----------------------------------------------------------------------------------------------
-# Frechet distance closed forms
+# Frechet distance
 # ----------------------------------------------------------------------------------------------
 
-def test_frechet_distance_equal_covariances():
+def test_lowrank_fid_against_a_closed_form():
+    # Our low-rank formula (features on one side, statistics on the other) where the answer has a closed form:
+    # against N(mu, s I), tr sqrt(sigma_a s I) = sqrt(s) * sum of the square roots of sigma_a's eigenvalues.
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(6, 6))
-    sigma = a @ a.T + 0.5 * np.eye(6)
-    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-    assert F.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-6, abs=1e-8)
-    assert F.frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0.0, abs=1e-8)
-
-
-def test_frechet_distance_diagonal_covariances():
-    rng = np.random.default_rng(1)
-    s1, s2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    expected = np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2) + np.sum((mu1 - mu2) ** 2)
-    got = F.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
-    assert isinstance(got, float)
-    assert got == pytest.approx(expected, rel=1e-6)
+    feats = rng.normal(size=(5, 8)) * rng.uniform(0.5, 2.0, 8)
+    mu, s = rng.normal(size=8), 1.7
+    sigma_a = np.cov(feats, rowvar=False)
+    expected = (np.sum((feats.mean(0) - mu) ** 2) + np.trace(sigma_a) + 8 * s
+                - 2 * np.sqrt(s) * np.sqrt(np.clip(np.linalg.eigvalsh(sigma_a), 0, None)).sum())
+    value, method = F.compute_fid(feats, (mu, s * np.eye(8)), method="lowrank")
+    assert method == F.METHOD_LOWRANK and value == pytest.approx(expected, rel=1e-7)  # sqrt of round-off zeros
+    assert F.compute_fid(feats, (feats.mean(0), sigma_a), method="lowrank")[0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_lowrank_method_equals_cleanfid_frechet():
