@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from configio.cli import JobArgumentParser
 from configio.config import load_config, parse_override
 from configio.errors import ConfigError
 from stage1_tokenizer.quantizers import compare_models
 
-from configio.cli import JobArgumentParser
 from .settings import EvalConfig, PriorJobConfig, SampleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from configio.cli import run_cli
 from configio.config import from_dict, load_config, to_dict
 from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_sample_panels, save_usage_histograms
@@ -47,7 +48,6 @@ from .chain import (
     table_row,
     true_or_false,
 )
-from configio.cli import run_cli
 from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 

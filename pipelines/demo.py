@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from configio.cli import JobArgumentParser, run_cli
 from configio.config import from_dict
 from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
@@ -41,7 +42,6 @@ from eval.image_metrics import psnr_per_image, ssim_per_image
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
-from configio.cli import JobArgumentParser, run_cli
 from .datasets import build_splits, resize_uint8
 from .generation import check_pair, draw, sample_labels
 from .runs import job_seed, load_codes, tokenizer_data_config

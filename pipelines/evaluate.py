@@ -24,6 +24,7 @@ from typing import Any
 
 from torch.utils.data import Subset
 
+from configio.cli import JobArgumentParser
 from configio.config import load_config, to_dict
 from configio.devices import pick_device
 from configio.errors import CheckpointError, ConfigError
@@ -38,7 +39,6 @@ from eval.report import (
 )
 from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 
-from configio.cli import JobArgumentParser
 from .datasets import build_splits
 from .run_folder import claim_folder
 from .runs import job_seed, tokenizer_data_config

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from configio.cli import JobArgumentParser
 from configio.devices import pick_device
 from configio.errors import ConfigError
 from configio.config import to_dict
 from configio.files import atomic_save_safetensors, atomic_write_json, file_sha256
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 
-from configio.cli import JobArgumentParser
 from .datasets import build_splits, dataset_info
 from .run_folder import claim_folder
 from .runs import (

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from configio.cli import JobArgumentParser
 from configio.config import load_config, to_dict
 from configio.devices import pick_device
 from configio.errors import ConfigError
@@ -33,7 +34,6 @@ from eval.report import FIDReference
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
-from configio.cli import JobArgumentParser
 from .datasets import DataConfig, build_splits
 from .generation import check_pair, sample_labels
 from .generation import draw as draw_images

@@ -27,6 +27,7 @@ apply_job_environment()  # before torch loads; the jobs this one starts inherit 
 from pathlib import Path
 from typing import Any
 
+from configio.cli import run_cli
 from configio.config import load_config, to_dict
 from configio.errors import ConfigError
 from configio.files import atomic_write_json, atomic_write_text
@@ -46,7 +47,6 @@ from .chain import (
     table_row,
     true_or_false,
 )
-from configio.cli import run_cli
 from .run_folder import claim_folder
 from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
 

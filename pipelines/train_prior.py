@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from configio.cli import JobArgumentParser, run_cli
 from configio.config import from_dict, load_values
 from configio.errors import ConfigError
 from configio.files import file_sha256
 from stage2_prior.model import CodePrior, PriorConfig
 
-from configio.cli import JobArgumentParser, run_cli
 from .resources import check_fits_prior
 from .runs import CODE_SPLITS, CodeSet, load_code_splits
 from .settings import PriorJobConfig

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from configio.cli import JobArgumentParser, run_cli
 from configio.config import load_config
 from configio.errors import ConfigError
 from eval.plots import save_reconstruction_grid, save_usage_histograms
@@ -28,7 +29,6 @@ from stage1_tokenizer.model import Tokenizer
 from stage1_tokenizer.quantizers import SPECS
 from stage1_tokenizer.quantizers.base import perplexity
 
-from configio.cli import JobArgumentParser, run_cli
 from .datasets import build_splits
 from .resources import check_fits_tokenizer
 from .settings import TokenizerJobConfig
