@@ -263,7 +263,7 @@ def _try_cleanfid_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
         if t.is_alive() or "path" not in result:
             return None
         _load_script(result["path"])  # must be a loadable TorchScript
-        atomic_write(Path(target), lambda tmp: shutil.copyfile(result["path"], tmp))
+        atomic_write(Path(target), lambda tmp: shutil.move(result["path"], tmp))  # moved, not copied twice
         return target
     except Exception:  # noqa: BLE001
         return None
@@ -720,8 +720,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frechet", choices=FRECHET_METHODS, default="auto",
                         help="auto: exact low-rank formula when a side has N < 2048 images, else clean-fid's sqrtm")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0:
-        parser.error("--batch-size must be at least 1 and --num-workers at least 0")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be at least 0, got {args.num_workers}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small-sample warnings are reported below, once
