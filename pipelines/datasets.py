@@ -159,28 +159,19 @@ class _CelebAImages(Dataset):
         return image, 0
 
 
-def _pil_to_tensor(image: Any) -> torch.Tensor:
-    import numpy as np
-
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 def _load_folder_image(path: Path, size: int) -> torch.Tensor:
     from PIL import Image
+    from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
-            width, height = image.size
-            side = min(width, height)
-            left, top = (width - side) // 2, (height - side) // 2
+            side = min(image.size)
+            left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2  # floored; TF.center_crop rounds instead
             image = image.crop((left, top, left + side, top + side))
-            if side != size:
+            if image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
-            return _pil_to_tensor(image)
+            return TF.to_tensor(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"cannot read image file '{path}' ({_short(err)}); replace or delete that file") from None
 
@@ -360,24 +351,10 @@ def _load_mnist_family(cfg: DataConfig) -> tuple[tuple[torch.Tensor, torch.Tenso
             raise DatasetError(
                 f"{_PRETTY[cfg.name]} files in {raw} are unreadable ({_short(err, 100)}); delete that folder and retry"
             ) from None
-    elif cfg.name == "fashion_mnist":
-        if not cfg.download:
-            raise DatasetError(
-                f"Fashion-MNIST not found in {root} and data.download=false; install it with "
-                f"'sudo apt-get install dataset-fashion-mnist' or set data.download=true so torchvision can download it"
-            )
-        try:
-            with socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-                train, test = make(True)
-        except Exception as err:
-            raise DatasetError(
-                f"Fashion-MNIST not found in {root} and the download failed ({_short(err, 120)}); install it with "
-                f"'sudo apt-get install dataset-fashion-mnist' or connect to the internet so torchvision can download it"
-            ) from None
     else:
-        train, test = _open_torchvision(
-            cfg, make, f"put the four *-ubyte files in {raw}"
-        )
+        manual = ("install it with 'sudo apt-get install dataset-fashion-mnist'" if cfg.name == "fashion_mnist"
+                  else f"put the four *-ubyte files in {raw}")
+        train, test = _open_torchvision(cfg, make, manual)
     return (train.data.unsqueeze(1), train.targets), (test.data.unsqueeze(1), test.targets)
 
 

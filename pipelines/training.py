@@ -16,9 +16,10 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -268,8 +269,9 @@ class TrainingTask:
     inputs: tuple[Path, ...] = ()  # folders the job reads; its output may not overlap them
     incidental: tuple[str, ...] = ()  # settings of this run that do not change its result (never compared)
     # What the task itself carries from step to step (tensors, numbers): saved in every checkpoint and restored on
-    # resume, so that a resumed run logs exactly what an uninterrupted one would.
-    state: dict[str, Any] = {}
+    # resume, so that a resumed run logs exactly what an uninterrupted one would. A task with state assigns its own
+    # dict; the shared default is read-only so that no task can write into another's.
+    state: Mapping[str, Any] = MappingProxyType({})
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -379,7 +381,9 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
             raise CheckpointError(f"checkpoint '{resume_from}' is corrupt or does not fit these settings "
                                   f"({' '.join(str(err).split())[:200]}); delete that folder or choose another output") from None
         state.update(check_trainer_state(loaded["trainer"], resume_from, cfg.max_steps))
-        task.state.update({k: v for k, v in loaded.get("task", {}).items() if k in task.state})
+        for key, value in loaded.get("task", {}).items():
+            if key in task.state:
+                task.state[key] = value
         accelerator.print(f"resuming from {resume_from} at step {state['step']}")
     # Stale results must not outlive the run that replaces them; the export (the make target) goes first, so a
     # present export always comes with its metrics. Both are written again at the end.
@@ -435,7 +439,7 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
                 if is_main:
-                    states = {"optimizer": optimizer.state_dict(), "trainer": dict(state), "task": task.state}
+                    states = {"optimizer": optimizer.state_dict(), "trainer": dict(state), "task": dict(task.state)}
                     if scheduler is not None:
                         states["scheduler"] = scheduler.state_dict()
                     checkpoints.save(step, raw_model, states)
