@@ -80,6 +80,9 @@ class PriorTask(TrainingTask):
     name = "prior"
     job = "train_prior"
     validation_metric = "val/bits_per_code"
+    progress_format = {"bits": "{bits_per_code:.3f}"}
+    summary_format = ("validation {val_bits_per_code:.3f} bits/code, test {test_bits_per_code:.3f} "
+                      "(uniform: {uniform_bits_per_code:.1f})")
 
     def __init__(self, cfg: PriorJobConfig, codes_dir: Path, given: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -91,6 +94,7 @@ class PriorTask(TrainingTask):
         # The code files' contents define the run, not the folder they sit in.
         self.job_record = {"codes": {"tokenizer_sha256": sha, "sha256": digest.hexdigest()}}
         self.inputs = (Path(codes_dir),)
+        self.train_data = TensorDataset(self.codes["train"].codes, self.codes["train"].labels)
         val = self.codes["val"]
         limit = cfg.train.eval_images
         self.val = val if limit is None or limit >= len(val.codes) else CodeSet(val.codes[:limit], val.labels[:limit], val.metadata)
@@ -98,16 +102,10 @@ class PriorTask(TrainingTask):
     def build_model(self) -> CodePrior:
         return CodePrior(self.prior_cfg)
 
-    def train_set(self):
-        return TensorDataset(self.codes["train"].codes, self.codes["train"].labels)
-
     def training_step(self, model, batch, step, accelerator):
         codes, labels = (t.to(accelerator.device, non_blocking=True) for t in batch)
         loss = model(codes, labels if self.prior_cfg.class_conditional else None)
         return loss, {"bits_per_code": float(loss.detach()) / math.log(2)}
-
-    def progress(self, logs):
-        return {"bits": f"{logs['bits_per_code']:.3f}"}
 
     def validate(self, model, accelerator) -> float:
         return bits_per_code(model, self.val, self.cfg.train.eval_batch_size, accelerator)
@@ -129,10 +127,6 @@ class PriorTask(TrainingTask):
             "class_conditional": cfg.class_conditional,
             "tokenizer_sha256": self.job_record["codes"]["tokenizer_sha256"],
         }
-
-    def summary(self, metrics):
-        return (f"prior: validation {metrics['val_bits_per_code']:.3f} bits/code, test {metrics['test_bits_per_code']:.3f} "
-                f"(uniform: {metrics['uniform_bits_per_code']:.1f}); wrote metrics.json")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PriorJobConfig, Path, Path, dict[str, Any]]:

@@ -39,6 +39,9 @@ class TokenizerTask(TrainingTask):
     name = "tokenizer"
     job = "train_tokenizer"
     validation_metric = "val/mse"
+    progress_format = {"loss": "{loss:.4f}", "ppl": "{running_perplexity:.1f}"}
+    summary_format = ("test perplexity {perplexity:.1f} of {codebook_size}, usage {usage:.1%}, PSNR {psnr:.2f} dB, "
+                      "SSIM {ssim:.4f}")
 
     def __init__(self, cfg: TokenizerJobConfig, output: Path):
         self.cfg, self.output = cfg, output
@@ -50,6 +53,7 @@ class TokenizerTask(TrainingTask):
         self.incidental = tuple(f"quantizer.{setting.name}" for spec in SPECS.values() if spec.name != cfg.quantizer.name
                                 for setting in spec.settings)
         self.splits = build_splits(cfg.data, seed=cfg.seed)
+        self.train_data = self.splits["train"]
         val = self.splits["val"]
         if len(val) == 0:
             raise ConfigError("the validation split is empty (data.val_size=0?); it picks the best weights and drives "
@@ -61,9 +65,6 @@ class TokenizerTask(TrainingTask):
     def build_model(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_cfg)
 
-    def train_set(self):
-        return self.splits["train"]
-
     def training_step(self, model, batch, step, accelerator):
         images = batch[0].to(accelerator.device, non_blocking=True)
         out = model(images)
@@ -73,9 +74,6 @@ class TokenizerTask(TrainingTask):
         logs = {k: float(v.detach()) for k, v in {**out.losses, **out.stats}.items()}
         logs["running_perplexity"] = float(perplexity(counts))
         return sum(out.losses.values()), logs
-
-    def progress(self, logs):
-        return {"loss": f"{logs['loss']:.4f}", "ppl": f"{logs['running_perplexity']:.1f}"}
 
     @torch.no_grad()
     def validate(self, model, accelerator) -> float:
@@ -104,10 +102,6 @@ class TokenizerTask(TrainingTask):
         save_reconstruction_grid(originals, recons, output / "reconstructions.png")
         save_usage_histograms({self.tokenizer_cfg.quantizer.name: counts}, output / "codebook_usage.png")
         return metrics
-
-    def summary(self, metrics):
-        return (f"test: perplexity {metrics['perplexity']:.1f} of {metrics['codebook_size']}, usage "
-                f"{100 * metrics['usage']:.1f}%, PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}; wrote metrics.json")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TokenizerJobConfig, Path]:

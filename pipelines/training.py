@@ -257,8 +257,9 @@ def check_seed(seed: int) -> None:
 class TrainingTask:
     """What a training job supplies to the loop. Subclass it and fill in the methods below.
 
-    The loop calls, in order: `build_model()` (after seeding), `training_step()` once per step, `validate()` every
-    train.eval_every steps, and at the end `final_metrics()` with the exported weights; it owns everything else.
+    The loop calls, in order: `build_model()` (after seeding), `training_step()` once per step on batches of
+    `train_data`, `validate()` every train.eval_every steps, and at the end `final_metrics()` with the exported
+    weights; it owns everything else.
     The model is a HubModel (configio.hub): the loop saves and reloads it by its own save/from_pretrained.
     """
 
@@ -272,11 +273,11 @@ class TrainingTask:
     # resume, so that a resumed run logs exactly what an uninterrupted one would. A task with state assigns its own
     # dict; the shared default is read-only so that no task can write into another's.
     state: Mapping[str, Any] = MappingProxyType({})
+    train_data: Dataset  # the training split; batches of it go to training_step
+    progress_format: Mapping[str, str] = MappingProxyType({"loss": "{loss:.4f}"})  # bar label -> format of the logs
+    summary_format: str = "done"  # the last line printed, formatted with the final metrics
 
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
-
-    def train_set(self) -> Dataset:
         raise NotImplementedError
 
     def training_step(self, model: nn.Module, batch: Any, step: int, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -287,16 +288,9 @@ class TrainingTask:
         """The validation metric, reduced over every process (lower is better)."""
         raise NotImplementedError
 
-    def progress(self, logs: dict[str, float]) -> dict[str, str]:
-        """A few of `logs` for the progress bar."""
-        return {}
-
     def final_metrics(self, model: nn.Module, accelerator) -> dict[str, Any]:
         """Test-split metrics of the exported model, called on every process (the main one's are written)."""
         raise NotImplementedError
-
-    def summary(self, metrics: dict[str, Any]) -> str:
-        return f"{self.name}: done"
 
 
 def diverged(task: TrainingTask, step: int, checkpoints: CheckpointManager, what: str) -> TrainingDiverged:
@@ -394,10 +388,9 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     start = int(state["step"])
-    train_set = task.train_set()
-    sampler = StepBatchSampler(len(train_set), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
+    sampler = StepBatchSampler(len(task.train_data), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
                                seed, start, cfg.max_steps)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
+    loader = DataLoader(task.train_data, batch_sampler=sampler, num_workers=cfg.num_workers)
     accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})
     progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
     step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
@@ -425,7 +418,7 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-                progress.set_postfix(task.progress(logs))
+                progress.set_postfix({label: form.format(**logs) for label, form in task.progress_format.items()})
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 value = task.validate(raw_model, accelerator)
                 raw_model.train()
@@ -472,5 +465,5 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     # metrics.json first, the weights (the make target) last: a present target always comes with its metrics.
     atomic_write_json(output / "metrics.json", metrics)
     final.save_pretrained(output)
-    print(task.summary(metrics))
+    print(f"{task.name}: {task.summary_format.format(**metrics)}; wrote metrics.json")
     return metrics

@@ -53,7 +53,7 @@ class ToyTask(TrainingTask):
     def __init__(self, fail_at_step=None, diverge_at_step=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(40, 4, generator=g)  # 40 items in batches of 8: an epoch every 5 steps
-        self.data = TensorDataset(x, x.sum(1, keepdim=True))
+        self.train_data = TensorDataset(x, x.sum(1, keepdim=True))
         self.val = torch.randn(16, 4, generator=g)
         self.job_record = {}
         self.fail_at_step, self.diverge_at_step = fail_at_step, diverge_at_step
@@ -61,9 +61,6 @@ class ToyTask(TrainingTask):
 
     def build_model(self):
         return Toy(ToyConfig())
-
-    def train_set(self):
-        return self.data
 
     def training_step(self, model, batch, step, accelerator):
         if step == self.fail_at_step:
