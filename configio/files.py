@@ -25,6 +25,11 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 
+def _fsync_file(path: Path | str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -100,8 +105,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        _fsync_file(tmp)
         publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -147,8 +151,7 @@ def replace_files_from(source: Path, destination: Path, last: tuple[str, ...] = 
     destination.mkdir(parents=True, exist_ok=True)
     files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: (p.name in last, last.index(p.name) if p.name in last else 0))
     for path in files:
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+        _fsync_file(path)
         publish_mode(path)
     for path in files:
         os.replace(path, destination / path.name)
@@ -164,8 +167,7 @@ def write_directory_atomically(final: Path, fill) -> None:
         fill(tmp)
         for child in tmp.iterdir():
             if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
+                _fsync_file(child)
                 publish_mode(child)
         publish_mode(tmp)
         if final.exists():

@@ -19,7 +19,6 @@ CLI: ``python -m eval.fid DIR_A DIR_B [--extractor PATH] [--batch-size N] [--dev
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -42,7 +41,7 @@ import torch
 from configio.cli import JobArgumentParser, run_cli
 from configio.devices import pick_device
 from configio.errors import ConfigError, UserError
-from configio.files import atomic_write, atomic_write_bytes, socket_timeout
+from configio.files import atomic_write, atomic_write_bytes, file_sha256, socket_timeout
 
 MODE = "clean"
 RESOLUTION = "native"
@@ -89,11 +88,7 @@ def _sha256(path: str | os.PathLike) -> str:
     stat = os.stat(real)
     key = (real, stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(real, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-        _SHA256_CACHE[key] = digest.hexdigest()
+        _SHA256_CACHE[key] = file_sha256(Path(real))
     return _SHA256_CACHE[key]
 
 
