@@ -118,8 +118,8 @@ class PriorTask(TrainingTask):
         return {
             "val_bits_per_code": val_bpc,
             "test_bits_per_code": test_bpc,
-            "val_nll_nats_per_token": val_bpc * math.log(2),
-            "test_nll_nats_per_token": test_bpc * math.log(2),
+            "val_nats_per_code": val_bpc * math.log(2),
+            "test_nats_per_code": test_bpc * math.log(2),
             "uniform_bits_per_code": math.log2(cfg.codebook_size),
             "num_train_sequences": len(self.codes["train"].codes),
             "sequence_length": cfg.sequence_length,
