@@ -112,6 +112,19 @@ def test_lowrank_fid_against_a_closed_form():
     assert F.compute_fid(feats, (feats.mean(0), sigma_a), method="lowrank")[0] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_fid_values_on_fixed_features_are_unchanged():
+    # The values this project's FID gave for these features when the FID code was last restructured: a change to
+    # the formula, the statistics or the method choice moves them (numpy/scipy round-off stays far below 1e-6).
+    rng = np.random.default_rng(7)
+    xa = rng.normal(size=(100, 256)) * rng.uniform(0.5, 2.0, 256)
+    xb = rng.normal(0.2, 1.1, size=(400, 256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert F.compute_fid(xa, xb) == (pytest.approx(355.9055683705014, rel=1e-6), F.METHOD_LOWRANK)
+        assert F.compute_fid(xa, xb, method="cleanfid")[0] == pytest.approx(355.90556026929397, rel=1e-6)
+        assert F.compute_fid(xb, F.feature_statistics(xa), method="cleanfid")[0] == pytest.approx(355.905560056987, rel=1e-6)
+
+
 def test_lowrank_method_equals_cleanfid_frechet():
     rng = np.random.default_rng(2)
     d = 64
