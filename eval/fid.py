@@ -156,10 +156,15 @@ def _fid_helper_weights_path() -> str | None:
     return os.path.join(list(spec.submodule_search_locations)[0], FID_HELPER_FILE)
 
 
-def _load_extractor(path: str, name: str, source: str, device: Any) -> FeatureExtractor:
+def _load_script(path: str) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load deprecation notice
-        module = torch.jit.load(path, map_location="cpu")
+        return torch.jit.load(path, map_location="cpu")
+
+
+def _load_extractor(path: str, name: str, source: str, device: Any,
+                    module: torch.jit.ScriptModule | None = None) -> FeatureExtractor:
+    module = _load_script(path) if module is None else module
     return FeatureExtractor(module, name=name, path=path, sha256=_sha256(path), device=device, source=source)
 
 
@@ -169,8 +174,9 @@ def _download_allowed(allow_download: bool | None) -> bool:
     return os.environ.get(NO_DOWNLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
 
 
-def _try_cleanfid_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
-    """clean-fid's own download of its Inception file, bounded in time; None on any failure.
+def _try_cleanfid_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> tuple[str, torch.jit.ScriptModule] | None:
+    """clean-fid's own download of its Inception file, bounded in time: (its path, the loaded network), or None
+    on any failure.
 
     clean-fid writes straight to its target, so an interrupted download would leave a truncated file: it
     downloads into a temporary folder instead, must load, and is then moved into place atomically.
@@ -194,11 +200,9 @@ def _try_cleanfid_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> str | None:
     try:
         if thread.is_alive() or "path" not in result:
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.load(result["path"], map_location="cpu")  # must be a loadable TorchScript
+        module = _load_script(result["path"])  # must be a loadable TorchScript
         atomic_write(Path(target), lambda tmp: shutil.move(result["path"], tmp))  # moved, not copied twice
-        return target
+        return target, module
     except Exception:  # noqa: BLE001
         return None
     finally:
@@ -228,7 +232,7 @@ def resolve_feature_extractor(path: str | os.PathLike | None = None, device: Any
     if _download_allowed(allow_download):
         downloaded = _try_cleanfid_download()
         if downloaded is not None:
-            return _load_extractor(downloaded, cleanfid_name, "clean-fid download", device)
+            return _load_extractor(downloaded[0], cleanfid_name, "clean-fid download", device, module=downloaded[1])
 
     helper_path = _fid_helper_weights_path()
     if helper_path is not None and os.path.isfile(helper_path):
