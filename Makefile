@@ -4,8 +4,8 @@
 #   make tokenizer [CONFIG=...] [RUN=...] [ARGS="key=value ..."]
 #   make codes | make prior [PRIOR_CONFIG=configs/prior.yaml] [PRIOR_ARGS="..."]
 #   make demo      [RUN=...]  the web page over a finished run (http://127.0.0.1:7860)
-#   make test        the whole suite (unit tests, then end-to-end runs; a few minutes on 2 CPU cores)
-#   make test-fast   the unit tests only (tests/<package>/, about a minute)
+#   make test        the whole suite (unit tests, then end-to-end runs)
+#   make test-fast   the unit tests only (tests/<package>/)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,8 +17,8 @@ RUN ?= runs/default
 ARGS ?=
 PRIOR_ARGS ?=
 NUM_SAMPLES ?= 1000
-# Real test images the FID is computed against (null: the whole split). Inception runs at ~10 images/s on 2 CPU
-# cores, so the default chain caps it; on a GPU use FID_REFERENCE=null.
+# Real test images the FID is computed against (null: the whole split). Inception is the slow part on a CPU, so the
+# default chain caps it; on a GPU use FID_REFERENCE=null.
 FID_REFERENCE ?= 2000
 SAMPLE_ARGS ?=
 PYTEST_ARGS ?=
@@ -75,7 +75,7 @@ DEMO_ARGS ?=
 demo: $(VENV)/.installed-demo
 	$(PY) -m pipelines.demo --run $(RUN) $(DEMO_ARGS)
 
-# --- evaluation (issue 4) ---
+# --- evaluation ---
 #   make eval    [RUN=runs/name] [EVAL_ARGS="num_images=2000 protocol=paper ..."]
 #   make compare [CONFIG=configs/x.yaml] [ARGS="models=[vqvae,vqwae] train.max_steps=2000 prior.train.max_steps=500
 #                 sample.num_samples=1000 eval.num_images=1000 ..."]   (PRIOR_CONFIG is the prior every model gets)
@@ -97,7 +97,7 @@ compare: $(VENV)/.installed
 sweep: $(VENV)/.installed
 	$(PY) -m pipelines.sweep --config $(CONFIG) --prior-config $(PRIOR_CONFIG) --output $(SWEEP_RUN) $(ARGS)
 
-# --- benchmarks (issue 5) ---
+# --- benchmarks ---
 .PHONY: bench
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run --output runs/bench

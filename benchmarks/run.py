@@ -368,7 +368,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (a smoke test)")
     parser.add_argument("--only", choices=["codebook_sizes"], default=None,
-                        help="one section only (the large-codebook section: a few minutes)")
+                        help="one section only (the large-codebook section)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     q = args.quick

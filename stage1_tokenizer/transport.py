@@ -37,8 +37,7 @@ Design
 - With uniform weights the problem is degenerate: the optimal dual is not unique, so the weights
   gradient may differ from another solver's by a different (equally valid) optimal dual.
 - The solve runs synchronously: solver threads running beside the caller's next PyTorch ops oversubscribe a
-  small CPU (measured on 2 cores: a slower step; the background solve was removed, as was Sinkhorn: no
-  measured case showed either winning).
+  small CPU, so the step waits for the plans instead of overlapping them with the decoder.
 
 Solvers
 - ``"exact"`` (default): exact. Successive shortest paths over the B latents (``shortest_path_solver``,
@@ -84,8 +83,8 @@ SOLVERS = ("exact", "dense")
 DEFAULT_SOLVER = "exact"
 _MASS_TOL = 1e-13  # latent marginals balance to this (weights are normalized to total mass 1)
 _GAP_TOL = 1e-9  # certified duality gap, relative to the largest cost entry
-# Where the shortest-path solver wins (Gaussian problems, make bench): 2.6x POT's network simplex at B = 32, K = 512,
-# 1.9x at B = 64, even at B = 128 (and at K = 4B), slower beyond. Outside that range "exact" runs the simplex.
+# Up to this many latents per position the shortest-path solver is faster than POT's network simplex (make bench's
+# scaling section measures both); beyond it, and where K < 4B, "exact" runs the simplex.
 _MAX_SHORTEST_PATH_LATENTS = 128
 _OPTIMAL = 1  # result code of POT's network simplex
 _RESULT_NAMES = {0: "infeasible", 1: "optimal", 2: "unbounded", 3: "max_iter_reached"}

@@ -1,4 +1,4 @@
-"""Every value a user can type that used to end in a traceback now ends in one line (`error: ...`, exit 2), before
+"""Every bad value a user can type ends in one line (`error: ...`, exit 2), never a traceback, before
 any output is written. The jobs' main() run in-process under the same run_cli the command line uses."""
 import pytest
 from helpers import write_code_set

@@ -125,7 +125,7 @@ def test_shape_and_input_errors():
         wasserstein_loss(z, torch.randn(16, 4), w)
     with pytest.raises(ValueError, match=r"weights must have shape \(M, K\) = \(4, 16\)"):
         wasserstein_loss(z, c, w[:3])
-    for solver in ("lp", "sinkhorn", "auto"):  # the last two were removed
+    for solver in ("lp", "sinkhorn", "auto"):  # names a config file may still carry
         with pytest.raises(ValueError, match="solver must be one of"):
             wasserstein_loss(z, c, w, solver=solver)
     with pytest.raises(ValueError, match="nonnegative"):
@@ -273,9 +273,8 @@ def test_compact_plans_give_the_dense_plans_products():
 
 
 def test_rounding_residues_do_not_stall_the_shortest_paths():
-    # Heavy-tailed weights at B = 128 split codewords over many latents; the solver used to leave rounding
-    # residues (~1e-18) behind that became the bottleneck of every later path (no progress, POT fallback on
-    # about half of these problems).
+    # Heavy-tailed weights at B = 128 split codewords over many latents: rounding residues (~1e-18) left behind
+    # would become the bottleneck of every later path (no progress, a POT fallback).
     from stage1_tokenizer.shortest_path_solver import OK, solve_position
 
     for seed in range(12):
