@@ -1,22 +1,40 @@
 """How every job ends: a problem the user can fix is one line (`error: ...`) and exit status 2, never a traceback.
 
 Besides the project's own `UserError`s, the failures a user causes from outside the code end the same way: a path
-that cannot be written (below a regular file, a name too long, no permission, a full disk), memory that runs out,
-and argument errors (`JobArgumentParser`).
+that cannot be written (below a regular file, a name too long, no permission, a full disk, a file-size limit, a
+read-only or vanished folder), memory that runs out, and argument errors (`JobArgumentParser`).
+
+An interruption (SIGINT, as Ctrl-C sends, or SIGTERM, as a cluster's preemption or a shutdown sends) ends a job with
+one line and exit status 128 + the signal (130, 143). By default it stops at once: every writer is atomic, so what
+looks finished is complete and the rest is gone. A loop that can stop more usefully (the training loop: finish the
+step, write a checkpoint) takes the signals in `deferred_interrupts` and stops at a point of its choosing; a second
+signal still stops at once.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NoReturn
 
-from configio.errors import UserError
+from configio.errors import UserError, WriteFailed
+
+INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOPPED_AT_ONCE = ("stopped at once: complete results and checkpoints are kept, unfinished ones are not; run the same "
+                   "command again to resume")
+
+
+def _print_line(text: str) -> None:
+    print(" ".join(str(text).split()), file=sys.stderr)
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    _print_line(f"error: {message}")
     sys.exit(status)
 
 
@@ -27,15 +45,103 @@ class JobArgumentParser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}; see --help")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A job stopped by SIGINT or SIGTERM. `message` is its one line (None: another process reports it, e.g. a
+    job's child process or another rank); the exit status is 128 + the signal, as a shell reports a signal."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        super().__init__(signum, message)
+        self.signum, self.message = signum, message
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def _stop_at_once(signum: int, frame) -> None:
+    raise Interrupted(signum, f"interrupted ({signal.Signals(signum).name}); {STOPPED_AT_ONCE}")
+
+
+@contextmanager
+def _signal_handlers(handler, signals: tuple[int, ...] = INTERRUPTING_SIGNALS) -> Iterator[None]:
+    """`handler` for `signals` while the block runs. A signal the process ignores (a job started with `nohup` or in
+    the background of a script) stays ignored; outside the main thread, where Python runs no handler, nothing changes."""
+    previous = {}
+    try:
+        for signum in signals:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@dataclass
+class InterruptRequest:
+    """The signal a deferred interruption asked for (None until one arrives)."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[InterruptRequest]:
+    """SIGINT and SIGTERM are recorded in the yielded request instead of stopping the block; the block checks it at
+    points where stopping keeps its progress and raises `Interrupted` itself. A second signal raises at once. A
+    signal the block leaves unhandled is delivered again when it ends, so it is never lost."""
+    request = InterruptRequest()
+
+    def record(signum: int, frame) -> None:
+        if request.signum is not None:
+            _stop_at_once(signum, frame)
+        request.signum = signum
+
+    with _signal_handlers(record):
+        yield request
+    if request.signum is not None:
+        signal.raise_signal(request.signum)
+
+
+@contextmanager
+def _job_signals() -> Iterator[None]:
+    """For the length of a job: SIGINT and SIGTERM raise `Interrupted`, and SIGXFSZ is ignored so that a write past
+    the file-size limit (ulimit -f) fails with EFBIG, reported as one line, instead of killing the process."""
+    with _signal_handlers(_stop_at_once), _signal_handlers(signal.SIG_IGN, (signal.SIGXFSZ,)):
+        yield
+
+
+# What to do about the OS's most common reasons a path cannot be used.
+_REMEDIES = {
+    errno.ENOSPC: "free space on that disk or choose another output",
+    errno.EDQUOT: "free space within your disk quota or choose another output",
+    errno.EFBIG: "the file-size limit (ulimit -f) is below what it needs: raise the limit or choose another output",
+    errno.EROFS: "the file system is read-only: choose another output",
+    errno.EACCES: "fix the permissions or choose another output",
+    errno.EPERM: "fix the permissions or choose another output",
+}
+
+
 def _os_error(err: OSError) -> str:
     where = f" '{err.filename}'" if err.filename else ""
     reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
-    return f"cannot use{where}: {reason}; choose another path (or free space / fix permissions)"
+    if isinstance(err, WriteFailed):
+        vanished = "a folder on its way is missing (removed while the job ran?): run the same command again"
+        remedy = vanished if err.errno == errno.ENOENT else _REMEDIES.get(err.errno, "choose another output")
+        return f"cannot write{where}: {reason}; {remedy}"
+    return f"cannot use{where}: {reason}; {_REMEDIES.get(err.errno, 'choose another path (or free space / fix permissions)')}"
 
 
 def run_cli(main: Callable[[], None]) -> None:
     try:
-        main()
+        with _job_signals():
+            main()
     except UserError as err:
         fail(str(err))
     except MemoryError:
@@ -47,9 +153,13 @@ def run_cli(main: Callable[[], None]) -> None:
         if type(err).__name__ == "OutOfMemoryError" or "allocate memory" in str(err):
             fail("out of memory; lower the batch size or the model and data sizes")
         raise
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    except Interrupted as err:
+        if err.message:
+            _print_line(err.message)
+        sys.exit(err.exit_status)
+    except KeyboardInterrupt:  # SIGINT while the job's handlers were not in place (ignored SIGINT restored, ...)
+        _print_line(f"interrupted (SIGINT); {STOPPED_AT_ONCE}")
+        sys.exit(128 + signal.SIGINT)
     finally:
         # A closed stdout (a pipe whose reader went away) must not turn the exit into a traceback.
         try:

@@ -31,3 +31,8 @@ class FolderBusy(UserError, RuntimeError):
 
 class NonFiniteValues(ValueError):
     """A computation met NaN or inf in its input (a library error; a training loop reports it as divergence)."""
+
+
+class WriteFailed(OSError):
+    """A file that could not be written (no space, a file-size limit, a read-only or vanished folder): the OS's errno
+    and reason, with the path the user expects rather than the hidden temporary the writer was filling."""

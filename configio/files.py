@@ -4,12 +4,18 @@ Every write goes to a hidden temporary (`.<name>.*.tmp`) beside its destination 
 reader sees the old file or the complete new one, never a part. Finished files get the user's normal permissions
 (umask), not the 0600 of a temporary file. A temporary left by a killed process is removed by `remove_orphans`, which
 each job calls when it starts.
+
+A write that fails (no space, a file-size limit, a read-only or vanished folder) raises `WriteFailed` naming the file
+the user expects, not the temporary, with the OS's reason; safetensors' own error is mapped to the same.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -22,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteFailed
 
 
 def _fsync_file(path: Path | str) -> None:
@@ -76,6 +82,45 @@ def remove_orphans(directory: Path) -> list[Path]:
     return removed
 
 
+# safetensors (Rust) gives the OS's error number only in its message: "I/O error: File too large (os error 27)".
+_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def _failed_path(filename: Any, destination: Path, staging: Path | None) -> Path:
+    """The path to name for a failed write: the OS's own, moved from a staging folder or a temporary to where the
+    user expects the file."""
+    if not filename:
+        return destination
+    failed = Path(os.fsdecode(filename))
+    if staging is not None and (failed == staging or staging in failed.parents):
+        return destination / failed.relative_to(staging)
+    return destination if _is_temporary(failed) else failed
+
+
+@contextmanager
+def reporting_write_failures(destination: Path, staging: Path | None = None) -> Iterator[None]:
+    """Turn the OS's failures inside the block into one `WriteFailed` naming `destination` (or the file inside it
+    that failed, when the block fills `staging` to become `destination`)."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as err:
+        number = err.errno or errno.EIO
+        reason = err.strerror or " ".join(str(err).split()) or os.strerror(number)
+        raise WriteFailed(number, reason, str(_failed_path(err.filename, Path(destination), staging))) from None
+    except SafetensorError as err:
+        found = _SAFETENSORS_OS_ERROR.search(str(err))
+        if found is None:
+            raise
+        number = int(found[1])
+        raise WriteFailed(number, os.strerror(number), str(destination)) from None
+
+
 @contextmanager
 def socket_timeout(seconds: float) -> Iterator[None]:
     """Make a stalled download fail instead of hanging: urllib, torchvision's and clean-fid's downloads inherit
@@ -100,17 +145,19 @@ def atomic_write(path: Path, write) -> None:
     """`write(tmp_path)` fills a hidden temporary beside `path`, which is then renamed over it: the one way this
     project writes a file, so a reader sees the old file or the whole new one, never part of it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        publish_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with reporting_write_failures(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        os.close(fd)
+        try:
+            write(tmp)
+            _fsync_file(tmp)  # a full disk may show only here, when the data reaches it
+            publish_mode(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the folder may be gone: the original error is the one to report
+                Path(tmp).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
 
 
@@ -148,39 +195,46 @@ def replace_files_from(source: Path, destination: Path, last: tuple[str, ...] = 
     weights file never sits beside a missing or stale config.
     """
     source, destination = Path(source), Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: (p.name in last, last.index(p.name) if p.name in last else 0))
-    for path in files:
-        _fsync_file(path)
-        publish_mode(path)
-    for path in files:
-        os.replace(path, destination / path.name)
+    with reporting_write_failures(destination, staging=source):
+        destination.mkdir(parents=True, exist_ok=True)
+        files = sorted((p for p in source.iterdir() if p.is_file()),
+                       key=lambda p: (p.name in last, last.index(p.name) if p.name in last else 0))
+        for path in files:
+            _fsync_file(path)
+            publish_mode(path)
+        for path in files:
+            os.replace(path, destination / path.name)
     _fsync_dir(destination)
 
 
 def write_directory_atomically(final: Path, fill) -> None:
     """Call `fill(tmp_dir)` then rename tmp_dir to `final`, so readers see a complete folder or none."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        fill(tmp)
-        for child in tmp.iterdir():
-            if child.is_file():
-                _fsync_file(child)
-                publish_mode(child)
-        publish_mode(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old{TEMPORARY_SUFFIX}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with reporting_write_failures(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=TEMPORARY_SUFFIX))
+    old = final.with_name(f".{final.name}.old{TEMPORARY_SUFFIX}")
+    with reporting_write_failures(final, staging=tmp):
+        try:
+            fill(tmp)
+            for child in tmp.iterdir():
+                if child.is_file():
+                    _fsync_file(child)
+                    publish_mode(child)
+            publish_mode(tmp)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():  # the complete earlier folder goes back rather than being lost
+                with contextlib.suppress(OSError):
+                    os.replace(old, final)
+            raise
     _fsync_dir(final.parent)
 
 

@@ -3,7 +3,8 @@
 `HubModel` is huggingface_hub's `PyTorchModelHubMixin` (config.json from the model's one `config` dataclass,
 model.safetensors, a model card) with two guarantees a training pipeline needs on top:
 - saving is atomic per file and the weights land last, so a folder whose model.safetensors exists is complete
-  (a make target can depend on it), and files get the user's normal permissions;
+  (a make target can depend on it), and files get the user's normal permissions; a failed write is one
+  `WriteFailed` naming the file and the OS's reason, leaving the earlier files as they were;
 - loading a local folder never touches the network and fails with one `CheckpointError` line that names the
   folder and the fix (missing folder, missing or corrupt config, weights that do not fit the config).
 A name that is not a local path is a Hub repository id, loaded by huggingface_hub as usual.
@@ -22,7 +23,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 
 from .errors import CheckpointError, ConfigError
-from .files import TEMPORARY_SUFFIX, remove_orphans, replace_files_from
+from .files import TEMPORARY_SUFFIX, remove_orphans, replace_files_from, reporting_write_failures
 
 WEIGHTS_NAME = SAFETENSORS_SINGLE_FILE  # "model.safetensors"
 T = TypeVar("T", bound="HubModel")
@@ -45,11 +46,13 @@ class HubModel(PyTorchModelHubMixin):
         """Write config.json, a model card and model.safetensors (last) into `save_directory`."""
         push = kwargs.pop("push_to_hub", False)
         final = Path(save_directory)
-        final.mkdir(parents=True, exist_ok=True)
-        remove_orphans(final)
-        staging = Path(tempfile.mkdtemp(dir=final, prefix=".export.", suffix=TEMPORARY_SUFFIX))
+        with reporting_write_failures(final):
+            final.mkdir(parents=True, exist_ok=True)
+            remove_orphans(final)
+            staging = Path(tempfile.mkdtemp(dir=final, prefix=".export.", suffix=TEMPORARY_SUFFIX))
         try:
-            super().save_pretrained(staging, **kwargs)
+            with reporting_write_failures(final, staging=staging):
+                super().save_pretrained(staging, **kwargs)
             replace_files_from(staging, final, last=(WEIGHTS_NAME,))
         finally:
             shutil.rmtree(staging, ignore_errors=True)

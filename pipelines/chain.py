@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configio.cli import JobArgumentParser
+from configio.cli import Interrupted, JobArgumentParser
 from configio.config import load_config, parse_override
 from configio.errors import ConfigError
 from stage1_tokenizer.quantizers import compare_models
@@ -98,10 +99,25 @@ def section_configs(prior_config: str, sections: dict[str, list[str]], eval_defa
 
 
 def run_job(module: str, args: list[str], what: str) -> None:
-    """One job in its own process; its progress bars and messages go straight to the terminal."""
+    """One job in its own process; its progress bars and messages go straight to the terminal.
+
+    The job runs in a session of its own, out of reach of the terminal's Ctrl-C, and each SIGINT or SIGTERM this
+    process gets is passed on to it exactly once: the first lets a training job finish its step and checkpoint it,
+    a second stops it at once. Its own line then says where it stopped.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=env)
+    interruption = None
+    with subprocess.Popen([sys.executable, "-m", module, *args], env=env, start_new_session=True) as proc:
+        while proc.returncode is None:
+            try:
+                proc.wait()
+            except Interrupted as err:
+                interruption = err
+                proc.send_signal(err.signum)
+    if interruption is not None:
+        reported = proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        raise Interrupted(interruption.signum, None if reported else interruption.message)
     if proc.returncode != 0:
         raise ConfigError(f"{what} failed (exit {proc.returncode}, its message is above); fix it and re-run the same "
                           "command (finished steps are reused)")

@@ -8,6 +8,10 @@ Exact resume: the data order is a function of (seed, step) (`StepBatchSampler`) 
 exactly the steps an uninterrupted run takes, whatever randomness the step uses (dropout, stochastic quantization)
 and wherever epochs end. Outputs appear only when complete: checkpoints are folders renamed into place, exports are
 written file by file atomically with the weights (the make target) last, after metrics.json.
+
+Interruption keeps progress: on SIGINT or SIGTERM the loop finishes its step, writes a checkpoint of it and stops with
+one line naming the step (exit status 130 or 143); every process stops at the same step. A second signal stops at
+once, keeping the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from configio.cli import InterruptRequest, Interrupted, deferred_interrupts
 from configio.config import to_dict
 from configio.errors import CheckpointError, ConfigError, NonFiniteValues, TrainingDiverged
 from configio.files import (
@@ -95,8 +101,11 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep = keep
 
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{step:07d}"
+
     def save(self, step: int, model: nn.Module, states: dict[str, Any]) -> Path:
-        name = f"step_{step:07d}"
+        name = self.path(step).name
 
         def fill(tmp: Path) -> None:
             from safetensors.torch import save_file
@@ -293,11 +302,43 @@ class TrainingTask:
         raise NotImplementedError
 
 
-def diverged(task: TrainingTask, step: int, checkpoints: CheckpointManager, what: str) -> TrainingDiverged:
+def kept_checkpoint(checkpoints: CheckpointManager) -> str | None:
+    """The name of the checkpoint a resumed run starts from (None: none was written yet)."""
     latest = checkpoints.directory / LATEST
-    kept = f"the last good checkpoint ({latest.read_text().strip()}) is kept" if latest.is_file() else "no checkpoint was written yet"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def diverged(task: TrainingTask, step: int, checkpoints: CheckpointManager, what: str) -> TrainingDiverged:
+    latest = kept_checkpoint(checkpoints)
+    kept = f"the last good checkpoint ({latest}) is kept" if latest else "no checkpoint was written yet"
     return TrainingDiverged(f"the {task.name} training diverged at step {step + 1} ({what}); {kept}; lower train.lr "
                             "(or check the data for NaN/inf values) and run again")
+
+
+def agreed_stop(request: InterruptRequest, accelerator) -> int | None:
+    """The signal that stops every process after this step, or None to go on: a signal to any process stops them
+    all at the same step. Under several processes that takes one all-reduce of one integer per step, next to the
+    step's gradient all-reduce."""
+    if accelerator.num_processes == 1:
+        return request.signum
+    flag = torch.tensor([request.signum or 0], device=accelerator.device)
+    return int(accelerator.reduce(flag, reduction="max")) or None
+
+
+def interrupted(task: TrainingTask, checkpoints: CheckpointManager, signum: int, step: int, max_steps: int,
+                checkpointed: bool, is_main: bool) -> Interrupted:
+    """The interruption that ends the job, with its one line on the main process: the checkpoint of `step` when it
+    was written, otherwise the last complete one (a second signal stopped the job at once)."""
+    name = signal.Signals(signum).name
+    if checkpointed:
+        message = (f"{task.name}: interrupted ({name}) at step {step} of {max_steps}; wrote {checkpoints.path(step)}; "
+                   f"run the same command again to resume from step {step}")
+    else:
+        latest = kept_checkpoint(checkpoints)
+        kept = (f"the last complete checkpoint ({checkpoints.directory / latest}) is kept; run the same command again "
+                "to resume from it") if latest else "no checkpoint was written yet; run the same command again to start over"
+        message = f"{task.name}: interrupted again ({name}) after step {step} of {max_steps}, stopped at once; {kept}"
+    return Interrupted(signum, message if is_main else None)
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -394,49 +435,66 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})
     progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
     step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
+    stop: Interrupted | None = None
+
+    def save_checkpoint() -> None:
+        state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
+        if is_main:
+            states = {"optimizer": optimizer.state_dict(), "trainer": dict(state), "task": dict(task.state)}
+            if scheduler is not None:
+                states["scheduler"] = scheduler.state_dict()
+            checkpoints.save(step, raw_model, states)
+        accelerator.wait_for_everyone()
 
     try:
         model.train()
-        for batch in loader:
-            seed_step(seed, step, accelerator.process_index)
-            try:
-                with accelerator.autocast():
-                    loss, logs = task.training_step(model, batch, step, accelerator)
-            except NonFiniteValues as err:
-                raise diverged(task, step, checkpoints, str(err)) from None
-            if not torch.isfinite(loss.detach()):
-                raise diverged(task, step, checkpoints, f"the loss became {float(loss.detach())}")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if scheduler is not None and cfg.lr_schedule != "plateau":
-                scheduler.step()
-            step += 1
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
-                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-                progress.set_postfix({label: form.format(**logs) for label, form in task.progress_format.items()})
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                value = task.validate(raw_model, accelerator)
-                raw_model.train()
-                accelerator.log({task.validation_metric: value}, step=step)
-                if scheduler is not None and cfg.lr_schedule == "plateau":
-                    scheduler.step(value)
-                if value < state["best_val"]:
-                    state.update(best_val=value, best_step=step)
-                    if is_main:
-                        raw_model.save_pretrained(output / "best")
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)
-                if is_main:
-                    states = {"optimizer": optimizer.state_dict(), "trainer": dict(state), "task": dict(task.state)}
-                    if scheduler is not None:
-                        states["scheduler"] = scheduler.state_dict()
-                    checkpoints.save(step, raw_model, states)
-                accelerator.wait_for_everyone()
+        with deferred_interrupts() as interrupt:
+            for batch in loader:
+                seed_step(seed, step, accelerator.process_index)
+                try:
+                    with accelerator.autocast():
+                        loss, logs = task.training_step(model, batch, step, accelerator)
+                except NonFiniteValues as err:
+                    raise diverged(task, step, checkpoints, str(err)) from None
+                if not torch.isfinite(loss.detach()):
+                    raise diverged(task, step, checkpoints, f"the loss became {float(loss.detach())}")
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                if scheduler is not None and cfg.lr_schedule != "plateau":
+                    scheduler.step()
+                step += 1
+                progress.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
+                    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+                    progress.set_postfix({label: form.format(**logs) for label, form in task.progress_format.items()})
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    value = task.validate(raw_model, accelerator)
+                    raw_model.train()
+                    accelerator.log({task.validation_metric: value}, step=step)
+                    if scheduler is not None and cfg.lr_schedule == "plateau":
+                        scheduler.step(value)
+                    if value < state["best_val"]:
+                        state.update(best_val=value, best_step=step)
+                        if is_main:
+                            raw_model.save_pretrained(output / "best")
+                checkpointed = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+                if checkpointed:
+                    save_checkpoint()
+                signum = agreed_stop(interrupt, accelerator)
+                if signum is not None:
+                    if not checkpointed:
+                        save_checkpoint()
+                    stop = interrupted(task, checkpoints, signum, step, cfg.max_steps, True, is_main)
+                    raise stop
+    except Interrupted as err:
+        if err is stop:
+            raise
+        # A second signal stopped the step (or the checkpoint of the first) at once.
+        raise interrupted(task, checkpoints, err.signum, step, cfg.max_steps, False, is_main) from None
     finally:
         # Closed before any error line is printed, so that the error stays the last line of the output.
         progress.close()

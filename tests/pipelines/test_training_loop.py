@@ -1,5 +1,7 @@
 """The one training loop (pipelines/training.py) on a toy task: resume, schedules, best weights, validation."""
 import json
+import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -8,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from configio.cli import Interrupted
 from configio.config import from_dict
 from configio.errors import CheckpointError, ConfigError, TrainingDiverged
 from configio.hub import HubModel
@@ -50,13 +53,14 @@ class ToyTask(TrainingTask):
     job = "train_toy"
     validation_metric = "val/mse"
 
-    def __init__(self, fail_at_step=None, diverge_at_step=None):
+    def __init__(self, fail_at_step=None, diverge_at_step=None, signals_at_step=None):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(40, 4, generator=g)  # 40 items in batches of 8: an epoch every 5 steps
         self.train_data = TensorDataset(x, x.sum(1, keepdim=True))
         self.val = torch.randn(16, 4, generator=g)
         self.job_record = {}
         self.fail_at_step, self.diverge_at_step = fail_at_step, diverge_at_step
+        self.signals_at_step = signals_at_step or (None, ())  # (step, signals this process sends itself during it)
         self.state = {"steps_seen": torch.zeros((), dtype=torch.int64)}  # task state: must survive a resume
 
     def build_model(self):
@@ -65,6 +69,9 @@ class ToyTask(TrainingTask):
     def training_step(self, model, batch, step, accelerator):
         if step == self.fail_at_step:
             raise KeyboardInterrupt  # a kill: the process stops between checkpoints
+        if step == self.signals_at_step[0]:
+            for signum in self.signals_at_step[1]:
+                os.kill(os.getpid(), signum)
         self.state["steps_seen"] += 1
         x, y = (t.to(accelerator.device) for t in batch)
         loss = (model(x) - y).pow(2).mean()
@@ -79,11 +86,19 @@ class ToyTask(TrainingTask):
         return {"test_mse": self.validate(model, accelerator), "steps_seen": int(self.state["steps_seen"])}
 
 
-def run(output, fail_at_step=None, diverge_at_step=None, **settings):
+def run(output, fail_at_step=None, diverge_at_step=None, signals_at_step=None, **settings):
     base = {"batch_size": 8, "max_steps": 17, "eval_every": 3, "checkpoint_every": 4, "log_every": 1, "lr": 0.05,
             "resume": "latest", "cpu": True, **settings}
     cfg = from_dict(TrainConfig, base)
-    return train(ToyTask(fail_at_step, diverge_at_step), ToyJob(0, ToyConfig(), cfg), output)
+    return train(ToyTask(fail_at_step, diverge_at_step, signals_at_step), ToyJob(0, ToyConfig(), cfg), output)
+
+
+def assert_same_result(a, b, metrics_a, metrics_b):
+    for name in ("model.safetensors", "checkpoints/step_0000017/optimizer.safetensors"):
+        weights_a, weights_b = load_file(a / name), load_file(b / name)
+        assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), name
+    metrics_a.pop("train_seconds"), metrics_b.pop("train_seconds")
+    assert metrics_a == metrics_b
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "cosine", "constant"])
@@ -93,12 +108,40 @@ def test_interrupted_run_resumes_bit_identical_across_epochs(tmp_path, schedule)
         run(tmp_path / "b", fail_at_step=10, lr_schedule=schedule, warmup_steps=2)  # last checkpoint: step 8
     assert not (tmp_path / "b" / "model.safetensors").exists() and not (tmp_path / "b" / "metrics.json").exists()
     resumed = run(tmp_path / "b", lr_schedule=schedule, warmup_steps=2)
-    for name in ("model.safetensors", "checkpoints/step_0000017/optimizer.safetensors"):
-        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    reference.pop("train_seconds"), resumed.pop("train_seconds")
-    assert resumed == reference and resumed["steps_seen"] == 17  # the task's own state came back from step 8
+    assert_same_result(tmp_path / "a", tmp_path / "b", reference, resumed)
+    assert resumed["steps_seen"] == 17  # the task's own state came back from step 8
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["steps"] == 17
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_checkpoints_it_and_resumes_bit_identical(tmp_path, signum):
+    reference = run(tmp_path / "a", lr_schedule="cosine", warmup_steps=2)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # During step index 9 (the 10th step), between the periodic checkpoints of steps 8 and 12.
+    with pytest.raises(Interrupted) as stopped:
+        run(tmp_path / "b", signals_at_step=(9, [signum]), lr_schedule="cosine", warmup_steps=2)
+    assert stopped.value.exit_status == 128 + signum
+    assert stopped.value.message == (f"toy: interrupted ({signal.Signals(signum).name}) at step 10 of 17; wrote "
+                                     f"{tmp_path / 'b' / 'checkpoints' / 'step_0000010'}; run the same command again to "
+                                     "resume from step 10")
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_0000010"
+    assert not (tmp_path / "b" / "model.safetensors").exists() and not (tmp_path / "b" / "metrics.json").exists()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the loop's own handlers are gone
+    resumed = run(tmp_path / "b", lr_schedule="cosine", warmup_steps=2)
+    assert_same_result(tmp_path / "a", tmp_path / "b", reference, resumed)
+
+
+def test_a_second_signal_stops_at_once_keeping_the_last_complete_checkpoint(tmp_path):
+    reference = run(tmp_path / "a")
+    with pytest.raises(Interrupted) as stopped:
+        run(tmp_path / "b", signals_at_step=(9, [signal.SIGTERM, signal.SIGTERM]))
+    assert stopped.value.exit_status == 143
+    kept = tmp_path / "b" / "checkpoints" / "step_0000008"
+    assert stopped.value.message == (f"toy: interrupted again (SIGTERM) after step 9 of 17, stopped at once; the last "
+                                     f"complete checkpoint ({kept}) is kept; run the same command again to resume from it")
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+    resumed = run(tmp_path / "b")
+    assert_same_result(tmp_path / "a", tmp_path / "b", reference, resumed)
 
 
 def test_best_weights_are_exported_with_their_step(tmp_path):
