@@ -101,3 +101,9 @@ sweep: $(VENV)/.installed
 .PHONY: bench
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run --output runs/bench
+
+# --- result tables: every table in README.md and docs/*.md, from the result files under docs/results/ ---
+# The script needs only the standard library, so it runs without the project's environment.
+.PHONY: tables
+tables:
+	$(PYTHON) scripts/results_tables.py

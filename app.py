@@ -1,7 +1,7 @@
 """Hugging Face Space entry point: the demo page (pipelines/demo.py) over the run folder named by $RUN.
 
 On a Space (which sets SPACE_ID) it binds 0.0.0.0:7860 as Spaces expect; anywhere else it binds 127.0.0.1 like
-`make demo`. See the README, "The demo page".
+`make demo`. See docs/demo.md.
 """
 import os
 from pathlib import Path

@@ -3,7 +3,7 @@
 GOMP_SPINCOUNT=10000 unless the environment already sets it. After every parallel region, PyTorch's OpenMP workers
 busy-wait for the next one for GOMP_SPINCOUNT rounds; at libgomp's default (300000 rounds of a pause instruction,
 milliseconds on recent x86 cores) they keep spinning through the exact OT solve that follows and take the cores its
-threads need; much lower values slow PyTorch's own parallel regions (the README has the measurements). The
+threads need; much lower values slow PyTorch's own parallel regions (CHANGELOG.md has the measurements). The
 libraries never set it: in your own training loop, export it before starting Python.
 """
 import os

@@ -1,4 +1,4 @@
-"""Screenshots of every tab of the demo page, for the README: serves the page over a run folder and drives Debian's
+"""Screenshots of every tab of the demo page, for docs/demo.md: serves the page over a run folder and drives Debian's
 Chromium through Playwright.
 
     .venv/bin/python scripts/demo_screenshots.py runs/default docs/
