@@ -66,3 +66,39 @@ def real_images(data_root, n=12):
 
     test = build_splits(DataConfig(root=str(data_root), limit=48), seed=0)["test"]
     return torch.stack([test[i][0] for i in range(n)])
+
+
+def fail_writes(monkeypatch, fragment, number=None):
+    """Make every write to a path containing `fragment` fail as the OS fails it (default: a full disk, ENOSPC),
+    after writing half its data. The project's writers all end in these calls: Path.write_bytes / write_text, and
+    safetensors' save_file, which reports the OS's error in its own exception type."""
+    import errno
+    import pathlib
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import configio.files
+
+    number = errno.ENOSPC if number is None else number
+    real_write_bytes, real_save_file = pathlib.Path.write_bytes, safetensors.torch.save_file
+
+    def write_bytes(self, data):
+        if fragment not in str(self):
+            return real_write_bytes(self, data)
+        real_write_bytes(self, bytes(data)[: len(data) // 2])
+        raise OSError(number, os.strerror(number))
+
+    def write_text(self, text, encoding=None, errors=None, newline=None):
+        return write_bytes(self, text.encode(encoding or "utf-8", errors or "strict"))
+
+    def save_file(tensors, filename, metadata=None):
+        if fragment not in str(filename):
+            return real_save_file(tensors, filename, metadata=metadata)
+        real_write_bytes(Path(filename), b"\0" * 64)
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(number)} (os error {number})")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(configio.files, "save_file", save_file)
