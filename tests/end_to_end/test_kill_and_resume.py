@@ -1,10 +1,13 @@
-"""Exact resume under SIGKILL at random moments, for both training jobs, across several epoch boundaries.
+"""Exact resume under SIGKILL at random moments and after SIGTERM at a random step, for both training jobs (and in
+two processes), across several epoch boundaries.
 
 Each job trains 24 steps on a split of 64 items in batches of 16 (4 steps an epoch, so six epochs), with randomness in
 the step (the prior's dropout and label dropout; the tokenizer's stochastic SQ-VAE quantization), a checkpoint every
 other step and an evaluation every fourth. A run killed at random moments (during steps, checkpoint writes,
 evaluations and the export) and resumed each time must end bit-identical to the uninterrupted run: weights,
-optimizer state, exported model and metrics. After every kill, nothing that looks finished may be partial.
+optimizer state, exported model and metrics. After every kill, nothing that looks finished may be partial. A run
+sent SIGTERM, with no periodic checkpoint to fall back on, must write the checkpoint of the step it was on, say so
+in one line, exit with 143, and resume from there to the same end.
 """
 import json
 import os
@@ -43,10 +46,15 @@ JOBS = {
 MAX_DELAY = {"prior": 0.05, "tokenizer": 0.05}
 
 
-def command(job, out, data_root, codes):
+TWO_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def command(job, out, data_root, codes, *extra, processes=1):
     _, args = JOBS[job]
     inputs = ["--codes", str(codes)] if job == "prior" else [f"data.root={data_root}"]
-    return [sys.executable, *args[:2], "--output", str(out), *inputs, *args[2:], *COMMON, "train.resume=latest"]
+    launcher = [sys.executable, *(TWO_PROCESSES if processes == 2 else [])]
+    return [*launcher, *args[:2], "--output", str(out), *inputs, *args[2:], *COMMON, "train.resume=latest", *extra]
 
 
 def start(cmd):
@@ -54,9 +62,9 @@ def start(cmd):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def run_and_kill(cmd, target_step, delay):
-    """Start the job and SIGKILL it `delay` seconds after its progress bar reaches `target_step` (or shows a later
-    step). Returns (killed, stderr); a job that ends first is not killed."""
+def run_and_signal(cmd, target_step, delay, signum=signal.SIGKILL):
+    """Start the job and send it `signum` `delay` seconds after its progress bar reaches `target_step` (or shows a
+    later step). Returns (exit status, stderr); a job that ends first gets no signal."""
     proc = start(cmd)
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
@@ -65,12 +73,12 @@ def run_and_kill(cmd, target_step, delay):
         steps = [int(m) for m in re.findall(rf"(\d+)/{STEPS}\b", b"".join(chunks).decode(errors="replace"))]
         if steps and max(steps) >= target_step:
             time.sleep(delay)
-            proc.kill()
+            proc.send_signal(signum)
             break
         time.sleep(0.005)
-    killed = proc.wait(timeout=300) == -signal.SIGKILL
+    status = proc.wait(timeout=300)
     reader.join()
-    return killed, b"".join(chunks).decode(errors="replace")
+    return status, b"".join(chunks).decode(errors="replace")
 
 
 def check_nothing_partial(out, model_cls):
@@ -94,14 +102,45 @@ def comparable_metrics(out):
     return metrics
 
 
-@pytest.mark.parametrize("job", ["prior", "tokenizer"])
-def test_killed_at_random_moments_resumes_bit_identical(job, tmp_path, data_root):
-    model_cls, _ = JOBS[job]
-    codes = write_code_set(tmp_path / "codes") if job == "prior" else None
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+def assert_bit_identical(interrupted, reference, what):
+    final = f"checkpoints/step_{STEPS:07d}"
+    for name in (f"{final}/model.safetensors", f"{final}/optimizer.safetensors", "model.safetensors"):
+        a, b = load_file(interrupted / name), load_file(reference / name)
+        assert a.keys() == b.keys(), name
+        for key in b:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after {what}"
+    assert comparable_metrics(interrupted) == comparable_metrics(reference)
 
-    proc = start(command(job, reference, data_root, codes))
+
+def finish(cmd):
+    proc = start(cmd)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory):
+    return write_code_set(tmp_path_factory.mktemp("codes") / "codes")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root, codes):
+    """reference(job, processes): the uninterrupted run, made once per module."""
+    made = {}
+
+    def make(job, processes=1):
+        if (job, processes) not in made:
+            out = tmp_path_factory.mktemp("reference") / job
+            finish(command(job, out, data_root, codes, processes=processes))
+            made[job, processes] = out
+        return made[job, processes]
+
+    return make
+
+
+@pytest.mark.parametrize("job", ["prior", "tokenizer"])
+def test_killed_at_random_moments_resumes_bit_identical(job, tmp_path, data_root, codes, reference):
+    model_cls, _ = JOBS[job]
+    interrupted = tmp_path / "interrupted"
 
     # Kills land at random steps (up to the last, so also during the final evaluation and export), each a random
     # fraction of a second after the step shows, so some fall inside checkpoint writes and evaluations.
@@ -109,18 +148,32 @@ def test_killed_at_random_moments_resumes_bit_identical(job, tmp_path, data_root
     targets = sorted(rng.sample(range(1, STEPS + 1), 5)) + [STEPS]
     kills = 0
     for target in targets:
-        killed, _ = run_and_kill(command(job, interrupted, data_root, codes), target, rng.uniform(0.0, MAX_DELAY[job]))
-        kills += killed
+        status, _ = run_and_signal(command(job, interrupted, data_root, codes), target, rng.uniform(0.0, MAX_DELAY[job]))
+        kills += status == -signal.SIGKILL
         check_nothing_partial(interrupted, model_cls)
-    proc = start(command(job, interrupted, data_root, codes))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    finish(command(job, interrupted, data_root, codes))
     assert kills >= 4, f"only {kills} kills landed before the run finished"
     assert not list(interrupted.rglob(".*.tmp")), "temporaries of killed writers were left behind"
+    assert_bit_identical(interrupted, reference(job), f"{kills} kills")
 
-    final = f"checkpoints/step_{STEPS:07d}"
-    for name in (f"{final}/model.safetensors", f"{final}/optimizer.safetensors", "model.safetensors"):
-        a, b = load_file(interrupted / name), load_file(reference / name)
-        assert a.keys() == b.keys(), name
-        for key in b:
-            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after {kills} kills"
-    assert comparable_metrics(interrupted) == comparable_metrics(reference)
+
+@pytest.mark.parametrize("job, processes", [("prior", 1), ("tokenizer", 1), ("prior", 2)])
+def test_sigterm_at_a_random_step_checkpoints_that_step_and_resumes_bit_identical(job, processes, tmp_path, data_root,
+                                                                                  codes, reference):
+    interrupted = tmp_path / "interrupted"
+    # No periodic checkpoint before the end: only the interruption's own can keep the steps done.
+    cmd = command(job, interrupted, data_root, codes, "train.checkpoint_every=1000", processes=processes)
+    target = random.Random(f"{job}-{processes}-sigterm").randrange(2, STEPS - 6)
+    status, stderr = run_and_signal(cmd, target, 0.0, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    found = re.fullmatch(rf"{job}: interrupted \(SIGTERM\) at step (\d+) of {STEPS}; wrote (\S+); run the same command "
+                         r"again to resume from step (\d+)", last)
+    assert found and found[1] == found[3] and int(found[1]) >= target, last
+    step = int(found[1])
+    assert found[2] == str(interrupted / "checkpoints" / f"step_{step:07d}")
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["latest", f"step_{step:07d}"]
+    assert "Traceback" not in stderr and not (interrupted / "model.safetensors").exists()
+    check_nothing_partial(interrupted, JOBS[job][0])
+    finish(cmd)
+    assert_bit_identical(interrupted, reference(job, processes), f"SIGTERM at step {step}")
