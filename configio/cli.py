@@ -17,6 +17,8 @@ import errno
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +27,11 @@ from typing import NoReturn
 from configio.errors import UserError, WriteFailed
 
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# One interruption often arrives twice within milliseconds: from whoever signals a whole process group or job (a
+# cluster's preemption) and again from a parent passing it on (make and torchrun pass SIGTERM to their children).
+# A repeat within this many seconds is the same interruption, not a second one (nor one that breaks into the
+# clean-up of the first).
+SAME_INTERRUPTION_S = 0.5
 STOPPED_AT_ONCE = ("stopped at once: complete results and checkpoints are kept, unfinished ones are not; run the same "
                    "command again to resume")
 
@@ -68,13 +75,23 @@ def _stop_at_once(signum: int, frame) -> None:
 
 @contextmanager
 def _signal_handlers(handler, signals: tuple[int, ...] = INTERRUPTING_SIGNALS) -> Iterator[None]:
-    """`handler` for `signals` while the block runs. A signal the process ignores (a job started with `nohup` or in
-    the background of a script) stays ignored; outside the main thread, where Python runs no handler, nothing changes."""
+    """`handler` for `signals` while the block runs, called once per interruption (a repeat within
+    SAME_INTERRUPTION_S is ignored). A signal the process ignores (a job started with `nohup` or in the background
+    of a script) stays ignored; outside the main thread, where Python runs no handler, nothing changes."""
+    last = -SAME_INTERRUPTION_S - 1.0
+
+    def once_per_interruption(signum: int, frame) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last > SAME_INTERRUPTION_S:
+            last = now
+            handler(signum, frame)
+
     previous = {}
     try:
         for signum in signals:
             if signal.getsignal(signum) is not signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, handler)
+                previous[signum] = signal.signal(signum, once_per_interruption if callable(handler) else handler)
     except ValueError:  # not the main thread
         pass
     try:
@@ -122,10 +139,27 @@ _REMEDIES = {
     errno.ENOSPC: "free space on that disk or choose another output",
     errno.EDQUOT: "free space within your disk quota or choose another output",
     errno.EFBIG: "the file-size limit (ulimit -f) is below what it needs: raise the limit or choose another output",
-    errno.EROFS: "the file system is read-only: choose another output",
+    errno.EROFS: "choose an output on a writable file system",
     errno.EACCES: "fix the permissions or choose another output",
     errno.EPERM: "fix the permissions or choose another output",
 }
+
+
+@contextmanager
+def _thread_write_failures_left_to_the_job() -> Iterator[None]:
+    """A background thread's failed write is not printed as a traceback: the job's own thread meets it next and ends
+    with its one line (TensorBoard's event writer raises its thread's error at the job's next call)."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in _REMEDIES):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _os_error(err: OSError) -> str:
@@ -140,7 +174,7 @@ def _os_error(err: OSError) -> str:
 
 def run_cli(main: Callable[[], None]) -> None:
     try:
-        with _job_signals():
+        with _job_signals(), _thread_write_failures_left_to_the_job():
             main()
     except UserError as err:
         fail(str(err))

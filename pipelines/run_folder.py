@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from configio.errors import CheckpointError, ConfigError, FolderBusy
-from configio.files import atomic_write_text, remove_orphans
+from configio.files import atomic_write_text, remove_orphans, reporting_write_failures
 
 RECORD_NAME = "job_config.yaml"
 LOCK_NAME = ".lock"
@@ -134,8 +134,13 @@ def _lock(folder: Path, job: str) -> int:
         if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise FolderBusy(f"'{folder}' is in use by {holder}; wait for it to finish or choose another output") from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{job} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+    try:
+        with reporting_write_failures(folder / LOCK_NAME):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{job} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -40,6 +40,7 @@ from configio.files import (
     load_safetensors,
     load_state,
     remove_orphans,
+    reporting_write_failures,
     save_state,
     write_directory_atomically,
 )
@@ -432,7 +433,13 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     sampler = StepBatchSampler(len(task.train_data), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
                                seed, start, cfg.max_steps)
     loader = DataLoader(task.train_data, batch_sampler=sampler, num_workers=cfg.num_workers)
-    accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})
+    # TensorBoard writes its event files from a thread of its own; a failure shows at the next call, without a path.
+    with reporting_write_failures(output / "logs"):
+        accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})
+
+    def log(values: dict[str, float]) -> None:
+        with reporting_write_failures(output / "logs"):
+            accelerator.log(values, step=step)
     progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
     step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
     stop: Interrupted | None = None
@@ -469,12 +476,12 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
                 progress.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     logs = {"loss": float(loss.detach()), **logs, "lr": optimizer.param_groups[0]["lr"]}
-                    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+                    log({f"train/{k}": v for k, v in logs.items()})
                     progress.set_postfix({label: form.format(**logs) for label, form in task.progress_format.items()})
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     value = task.validate(raw_model, accelerator)
                     raw_model.train()
-                    accelerator.log({task.validation_metric: value}, step=step)
+                    log({task.validation_metric: value})
                     if scheduler is not None and cfg.lr_schedule == "plateau":
                         scheduler.step(value)
                     if value < state["best_val"]:
@@ -508,7 +515,8 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     # The model is a HubModel: its best weights come back the way any user loads them.
     final = type(raw_model).from_pretrained(output / "best", map_location=accelerator.device) if export_best else raw_model.eval()
     metrics = task.final_metrics(final, accelerator)
-    accelerator.end_training()
+    with reporting_write_failures(output / "logs"):
+        accelerator.end_training()
     if not is_main:
         return None
     metrics.update(

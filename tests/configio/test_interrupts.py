@@ -2,10 +2,11 @@
 keeps its progress, and a second one stops at once."""
 import os
 import signal
+import time
 
 import pytest
 
-from configio.cli import STOPPED_AT_ONCE, Interrupted, deferred_interrupts, run_cli
+from configio.cli import SAME_INTERRUPTION_S, STOPPED_AT_ONCE, Interrupted, deferred_interrupts, run_cli
 
 
 @pytest.fixture
@@ -45,9 +46,21 @@ def test_a_deferred_signal_is_recorded_and_a_second_one_stops_at_once(restored_h
         with deferred_interrupts() as request:
             os.kill(os.getpid(), signal.SIGTERM)
             assert request.signum == signal.SIGTERM
+            time.sleep(SAME_INTERRUPTION_S * 1.2)
             os.kill(os.getpid(), signal.SIGINT)
     assert second.value.signum == signal.SIGINT and second.value.exit_status == 130
     assert {s: signal.getsignal(s) for s in restored_handlers} == restored_handlers
+
+
+def test_a_signal_repeated_at_once_is_one_interruption(restored_handlers):
+    """What a process gets when SIGTERM goes to its whole job and its parent (make, torchrun) passes it on too."""
+    with pytest.raises(Interrupted) as stopped:
+        with deferred_interrupts() as request:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert request.signum == signal.SIGTERM
+            raise Interrupted(request.signum, "stopped where the block chose")
+    assert stopped.value.message == "stopped where the block chose"
 
 
 def test_a_deferred_signal_the_block_leaves_unhandled_is_delivered_when_it_ends(restored_handlers):
@@ -70,3 +83,19 @@ def test_an_ignored_signal_stays_ignored(restored_handlers):
     with deferred_interrupts() as request:
         os.kill(os.getpid(), signal.SIGTERM)
     assert request.signum is None and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_signal_repeated_at_once_does_not_break_into_the_clean_up(capsys, restored_handlers):
+    cleaned = []
+
+    def main():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the same interruption, passed on by a parent
+            cleaned.append(True)
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main)
+    assert exited.value.code == 143 and cleaned
+    assert capsys.readouterr().err == f"interrupted (SIGTERM); {STOPPED_AT_ONCE}\n"

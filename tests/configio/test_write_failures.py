@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_a_folder_that_vanishes_while_written_is_named(tmp_path):
 @pytest.mark.parametrize("number, remedy", [
     (errno.ENOSPC, "free space on that disk or choose another output"),
     (errno.EFBIG, "the file-size limit (ulimit -f) is below what it needs: raise the limit or choose another output"),
-    (errno.EROFS, "the file system is read-only: choose another output"),
+    (errno.EROFS, "choose an output on a writable file system"),
     (errno.ENOENT, "a folder on its way is missing (removed while the job ran?): run the same command again"),
 ])
 def test_a_job_ends_on_a_failed_write_with_one_line(capsys, number, remedy):
@@ -103,6 +104,26 @@ def test_a_job_ends_on_a_failed_write_with_one_line(capsys, number, remedy):
     assert exited.value.code == 2
     assert capsys.readouterr().err == (f"error: cannot write 'runs/x/model.safetensors': {os.strerror(number)}; "
                                        f"{remedy}\n")
+
+
+def test_a_background_threads_failed_write_leaves_the_one_line_to_the_job(capsys):
+    """TensorBoard writes its event files from a thread whose error the job meets at its next call."""
+    no_space = (errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def main():
+        def write_events():
+            raise OSError(*no_space)
+
+        writer = threading.Thread(target=write_events)
+        writer.start()
+        writer.join()
+        raise WriteFailed(*no_space, "runs/x/logs")
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("error: cannot write 'runs/x/logs': No space left on device; free space on that "
+                                       "disk or choose another output\n")
 
 
 WRITE_UNDER_A_LIMIT = """

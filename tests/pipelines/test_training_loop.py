@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from configio.cli import Interrupted
+from configio.cli import SAME_INTERRUPTION_S, Interrupted
 from configio.config import from_dict
 from configio.errors import CheckpointError, ConfigError, TrainingDiverged
 from configio.hub import HubModel
@@ -72,6 +73,7 @@ class ToyTask(TrainingTask):
         if step == self.signals_at_step[0]:
             for signum in self.signals_at_step[1]:
                 os.kill(os.getpid(), signum)
+                time.sleep(SAME_INTERRUPTION_S * 1.2)  # a second signal, not the first one arriving twice
         self.state["steps_seen"] += 1
         x, y = (t.to(accelerator.device) for t in batch)
         loss = (model(x) - y).pow(2).mean()
