@@ -69,6 +69,7 @@ from .shortest_path_solver import (
     plan_extra_products,
     plan_products,
     record_dense_plan,
+    result_buffers,
     solve_positions,
 )
 
@@ -158,24 +159,26 @@ def _uses_shortest_paths(K: int, B: int) -> bool:
     return B <= _MAX_SHORTEST_PATH_LATENTS and 4 * B <= K
 
 
-def _solve_dense_into(a, b, C_t, num_iter_max, m, costs, U, V, Ps, plan):
-    """``_solve_dense`` for position m, its plan recorded in ``plan`` (``plan_buffers``)."""
-    plan_t, costs[m], U[m], V[m] = _solve_dense(a, b, C_t, num_iter_max, m)
-    if not record_dense_plan(plan_t, m, plan, Ps[m]):  # a basic solution splits at most B - 1 codewords
+def _solve_dense_into(a, b, C_t, m, results, plan, num_iter_max):
+    """``_solve_dense`` for position m into ``results`` (``result_buffers``), its plan recorded in ``plan``
+    (``plan_buffers``)."""
+    plan_t, results.costs[m], results.code_potentials[m], results.latent_potentials[m] = _solve_dense(
+        a, b, C_t, num_iter_max, m)
+    if not record_dense_plan(plan_t, m, plan, results.row_sums[m]):  # a basic solution splits at most B - 1 codewords
         raise RuntimeError(f"network simplex plan at position {m} splits more codewords than a basic solution can")
 
 
-def _solve_exact_chunk(C_t, A, b, positions, out, status, plan, num_iter_max):
+def _solve_exact_chunk(C_t, A, b, positions, results, plan, num_iter_max):
     """Shortest-path solver over some positions (``shortest_path_solver``); POT's network simplex for a position
-    where it cannot certify optimality (never seen; a warning says so)."""
-    costs, U, V, Ps = out
-    solve_positions(C_t, A, b, positions, costs, U, V, status, Ps, plan, _MASS_TOL, _GAP_TOL)
+    where it cannot certify optimality (never seen; a warning says so, and the test suite turns it into an error)."""
+    solve_positions(C_t, A, b, positions, results, plan, _MASS_TOL, _GAP_TOL)
+    status = results.status
     for m in positions[status[positions] != OK]:
         if status[m] == NON_FINITE:
             raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
         warnings.warn(f"shortest-path OT solver: {STATUS_NAMES[int(status[m])]} at position {m}; "
                       "solved with POT's network simplex instead", RuntimeWarning, stacklevel=2)
-        _solve_dense_into(A[m], b, C_t[m], num_iter_max, m, costs, U, V, Ps, plan)
+        _solve_dense_into(A[m], b, C_t[m], m, results, plan, num_iter_max)
 
 
 def solve_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max: int = 100_000):
@@ -187,8 +190,7 @@ def solve_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max:
     Mn, B, K = C_t.shape
     D = Z.shape[2]
     b = np.full(B, 1.0 / B)
-    out = costs, U, V, Ps = np.empty(Mn), np.empty((Mn, K)), np.empty((Mn, B)), np.empty((Mn, B))
-    status = np.zeros(Mn, np.int64)
+    results = result_buffers(Mn, K, B)
     plan = plan_buffers(Mn, K, B)
     n = max(1, min(get_num_threads(), Mn))
     shortest = solver == "exact" and _uses_shortest_paths(K, B)
@@ -199,10 +201,10 @@ def solve_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max:
     def solve(_):
         while (j := next(taken)) < len(pieces):
             if shortest:
-                _solve_exact_chunk(C_t, a, b, pieces[j], out, status, plan, num_iter_max)
+                _solve_exact_chunk(C_t, a, b, pieces[j], results, plan, num_iter_max)
                 continue
             for m in pieces[j]:
-                _solve_dense_into(a[m], b, C_t[m], num_iter_max, m, costs, U, V, Ps, plan)
+                _solve_dense_into(a[m], b, C_t[m], m, results, plan, num_iter_max)
 
     _run(solve, list(range(n)))
     # The products, one range of codewords per thread (each its own part of Pc, added in order): the gradients do not
@@ -214,7 +216,7 @@ def solve_batch(C_t, a, Z, codebook, solver: str = DEFAULT_SOLVER, num_iter_max:
          list(range(n)))
     Pc = Pc_parts.sum(0)
     plan_extra_products(plan, Z, codebook, Pc, PTz, Pcol)
-    return costs, U, Pc, Ps, PTz, Pcol
+    return results.costs, results.code_potentials, Pc, results.row_sums, PTz, Pcol
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,8 +232,9 @@ class _TransportLoss(torch.autograd.Function):
     codeword potentials). No autograd graph through the (M, K, B) cost tensor, and no dense plan kept."""
 
     @staticmethod
-    def forward(ctx, latents, codebook, weights, value, Pc, Ps, PTz, Pcol, u):
-        ctx.save_for_backward(latents, codebook, Pc, Ps, PTz, Pcol, u)
+    def forward(ctx, latents, codebook, weights, value, from_plan):
+        """from_plan: (Pc, Ps, PTz, Pcol, u) as ``_solve_host`` returns them after the value."""
+        ctx.save_for_backward(latents, codebook, *from_plan)
         return value
 
     @staticmethod
@@ -245,7 +248,7 @@ class _TransportLoss(torch.autograd.Function):
             g_c = two * (Pcol[:, None] * codebook - PTz)
         if ctx.needs_input_grad[2]:
             g_w = grad * u
-        return g_z, g_c, g_w, None, None, None, None, None, None
+        return g_z, g_c, g_w, None, None
 
 
 def _solve_host(cost_t, latents, codebook, weights, solver, num_iter_max):
@@ -348,5 +351,5 @@ def wasserstein_loss(
                          f"{latents.device}; got {tuple(costs.shape)}, {costs.dtype}, {costs.device}")
     else:
         cost_t = costs.detach()
-    value, Pc, Ps, PTz, Pcol, u = _solve_host(cost_t, latents, codebook, weights, solver, int(num_iter_max))
-    return _TransportLoss.apply(latents, codebook, weights, value, Pc, Ps, PTz, Pcol, u)
+    value, *from_plan = _solve_host(cost_t, latents, codebook, weights, solver, int(num_iter_max))
+    return _TransportLoss.apply(latents, codebook, weights, value, tuple(from_plan))
