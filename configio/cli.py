@@ -126,6 +126,14 @@ def deferred_interrupts() -> Iterator[InterruptRequest]:
         signal.raise_signal(request.signum)
 
 
+def ignore_interruptions(*_: object) -> None:
+    """For a job's helper processes (data loader workers; the argument a `worker_init_fn` gets is not needed): a
+    signal sent to the whole job must not kill them under the main process, which decides when the job stops and
+    ends them itself."""
+    for signum in INTERRUPTING_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @contextmanager
 def _job_signals() -> Iterator[None]:
     """For the length of a job: SIGINT and SIGTERM raise `Interrupted`, and SIGXFSZ is ignored so that a write past

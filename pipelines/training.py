@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from configio.cli import InterruptRequest, Interrupted, deferred_interrupts
+from configio.cli import InterruptRequest, Interrupted, deferred_interrupts, ignore_interruptions
 from configio.config import to_dict
 from configio.errors import CheckpointError, ConfigError, NonFiniteValues, TrainingDiverged
 from configio.files import (
@@ -432,7 +432,8 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     start = int(state["step"])
     sampler = StepBatchSampler(len(task.train_data), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
                                seed, start, cfg.max_steps)
-    loader = DataLoader(task.train_data, batch_sampler=sampler, num_workers=cfg.num_workers)
+    loader = DataLoader(task.train_data, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        worker_init_fn=ignore_interruptions)
     # TensorBoard writes its event files from a thread of its own; a failure shows at the next call, without a path.
     with reporting_write_failures(output / "logs"):
         accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})

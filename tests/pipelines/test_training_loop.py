@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset, get_worker_info
 
 from configio.cli import SAME_INTERRUPTION_S, Interrupted
 from configio.config import from_dict
@@ -88,11 +88,30 @@ class ToyTask(TrainingTask):
         return {"test_mse": self.validate(model, accelerator), "steps_seen": int(self.state["steps_seen"])}
 
 
+class SignalledInWorkers(Dataset):
+    """The toy's data read by loader workers that each get SIGTERM, as when a whole job is signalled: they must
+    outlive it, for the main process to finish its step."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.data[index]
+
+
 def run(output, fail_at_step=None, diverge_at_step=None, signals_at_step=None, **settings):
     base = {"batch_size": 8, "max_steps": 17, "eval_every": 3, "checkpoint_every": 4, "log_every": 1, "lr": 0.05,
             "resume": "latest", "cpu": True, **settings}
     cfg = from_dict(TrainConfig, base)
-    return train(ToyTask(fail_at_step, diverge_at_step, signals_at_step), ToyJob(0, ToyConfig(), cfg), output)
+    task = ToyTask(fail_at_step, diverge_at_step, signals_at_step)
+    if cfg.num_workers:
+        task.train_data = SignalledInWorkers(task.train_data)
+    return train(task, ToyJob(0, ToyConfig(), cfg), output)
 
 
 def assert_same_result(a, b, metrics_a, metrics_b):
@@ -115,13 +134,13 @@ def test_interrupted_run_resumes_bit_identical_across_epochs(tmp_path, schedule)
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["steps"] == 17
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_finishes_the_step_checkpoints_it_and_resumes_bit_identical(tmp_path, signum):
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGTERM, 2)])
+def test_a_signal_finishes_the_step_checkpoints_it_and_resumes_bit_identical(tmp_path, signum, workers):
     reference = run(tmp_path / "a", lr_schedule="cosine", warmup_steps=2)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     # During step index 9 (the 10th step), between the periodic checkpoints of steps 8 and 12.
     with pytest.raises(Interrupted) as stopped:
-        run(tmp_path / "b", signals_at_step=(9, [signum]), lr_schedule="cosine", warmup_steps=2)
+        run(tmp_path / "b", signals_at_step=(9, [signum]), lr_schedule="cosine", warmup_steps=2, num_workers=workers)
     assert stopped.value.exit_status == 128 + signum
     assert stopped.value.message == (f"toy: interrupted ({signal.Signals(signum).name}) at step 10 of 17; wrote "
                                      f"{tmp_path / 'b' / 'checkpoints' / 'step_0000010'}; run the same command again to "
