@@ -700,8 +700,8 @@ def _coarse_start(problem, X, q, p, mass_tol, gap_tol, work):
     """Latent potentials p from subsamples, coarse to fine: the problem restricted to every s-th codeword (equal
     masses) is solved exactly for s = ..., 64, 8 (``_coarsest_stride``), each from the potentials of the one before.
     The optimal latent potentials of a subsample are close to those of the whole codebook, so the sweeps and paths
-    of the whole problem only correct sampling noise: on a trained tokenizer's latents (close together, where the
-    sweeps alone converge slowly) the paths number a few hundred instead of thousands. Returns (whether p holds the
+    of the whole problem only correct sampling noise, which matters most on a trained tokenizer's latents (close
+    together, where the sweeps alone converge slowly). Returns (whether p holds the
     finest subsample's optimal potentials, how many subsamples were solved). X and the lists are left cleared."""
     CT, a, b = problem
     B, K = CT.shape
