@@ -11,7 +11,6 @@ the user expects, not the temporary, with the OS's reason; safetensors' own erro
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -90,29 +89,32 @@ def _is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
 
 
-def _failed_path(filename: Any, destination: Path, staging: Path | None) -> Path:
+def _failed_path(filename: Any, destination: Path, staging: Path | None) -> Path | None:
     """The path to name for a failed write: the OS's own, moved from a staging folder or a temporary to where the
-    user expects the file."""
+    user expects the file. None when the OS names another file: one the block reads, whose error is not this write's."""
     if not filename:
         return destination
     failed = Path(os.fsdecode(filename))
     if staging is not None and (failed == staging or staging in failed.parents):
         return destination / failed.relative_to(staging)
-    return destination if _is_temporary(failed) else failed
+    if failed == destination or _is_temporary(failed):
+        return destination
+    return failed if failed in destination.parents else None
 
 
 @contextmanager
 def reporting_write_failures(destination: Path, staging: Path | None = None) -> Iterator[None]:
-    """Turn the OS's failures inside the block into one `WriteFailed` naming `destination` (or the file inside it
-    that failed, when the block fills `staging` to become `destination`)."""
+    """Turn the OS's failures to write inside the block into one `WriteFailed` naming `destination` (or the file
+    inside it that failed, when the block fills `staging` to become `destination`); other errors pass unchanged."""
     try:
         yield
     except WriteFailed:
         raise
     except OSError as err:
-        number = err.errno or errno.EIO
-        reason = err.strerror or " ".join(str(err).split()) or os.strerror(number)
-        raise WriteFailed(number, reason, str(_failed_path(err.filename, Path(destination), staging))) from None
+        path = _failed_path(err.filename, Path(destination), staging)
+        if err.errno is None or path is None:
+            raise
+        raise WriteFailed(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
     except SafetensorError as err:
         found = _SAFETENSORS_OS_ERROR.search(str(err))
         if found is None:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from configio.errors import ConfigError, DatasetError
+from configio.errors import ConfigError, DatasetError, WriteFailed
 from configio.files import atomic_save_safetensors, atomic_write, socket_timeout
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "svhn", "celeba", "folder")
@@ -321,6 +321,8 @@ def _decompress_gz_into(sources: list[Path], raw: Path) -> bool:
 
             try:
                 atomic_write(target, decompress)
+            except WriteFailed:  # a full disk or a read-only folder: not the source file's fault
+                raise
             except (OSError, EOFError, gzip.BadGzipFile) as err:
                 raise DatasetError(
                     f"cannot decompress '{source / (name + '.gz')}' into {raw} ({_short(err, 100)}); "

@@ -437,13 +437,13 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
     # TensorBoard writes its event files from a thread of its own; a failure shows at the next call, without a path.
     with reporting_write_failures(output / "logs"):
         accelerator.init_trackers(task.name, config={k: str(v) for k, v in to_dict(job_config).items()})
+    progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
+    step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
+    stop: Interrupted | None = None
 
     def log(values: dict[str, float]) -> None:
         with reporting_write_failures(output / "logs"):
             accelerator.log(values, step=step)
-    progress = tqdm(total=cfg.max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
-    step, started, seconds_before = start, time.perf_counter(), float(state["train_seconds"])
-    stop: Interrupted | None = None
 
     def save_checkpoint() -> None:
         state.update(step=step, train_seconds=seconds_before + time.perf_counter() - started)

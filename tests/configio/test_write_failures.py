@@ -156,3 +156,17 @@ def test_a_real_file_size_limit_is_one_line(tmp_path, kind):
                            "what it needs: raise the limit or choose another output\n")
     assert path.read_bytes() == b"complete earlier result"
     assert not temporaries(tmp_path)
+
+
+def test_an_error_reading_another_file_inside_a_write_is_not_called_a_failed_write(tmp_path):
+    """A writer that reads its source (decompressing a data set) reports the source's own errors as they are."""
+    from configio.files import atomic_write
+
+    def copy_missing_source(tmp):
+        with open(tmp_path / "missing.gz", "rb") as source:
+            source.read()
+
+    with pytest.raises(FileNotFoundError) as failed:
+        atomic_write(tmp_path / "decompressed", copy_missing_source)
+    assert not isinstance(failed.value, WriteFailed) and failed.value.filename == str(tmp_path / "missing.gz")
+    assert not temporaries(tmp_path) and not (tmp_path / "decompressed").exists()
