@@ -244,6 +244,13 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None
         pass
 
 
+def validation_is_empty(cfg: DataConfig) -> bool:
+    """Whether the settings alone leave the validation split empty (known before any image is read)."""
+    if cfg.name == "celeba":  # its own official partition
+        return False
+    return cfg.val_fraction == 0 if cfg.name == "folder" else cfg.val_size == 0
+
+
 def _first(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
 

@@ -53,7 +53,8 @@ def tokenizer_bytes(cfg: TokenizerConfig, batch_size: int) -> float:
     params = 2 * (convs + net.num_residual_layers * 10 * h * r + h * d) + k * d + m * k
     per_image = sum(c * (side // 2 ** (i + 1)) ** 2 for i, c in enumerate(widths)) * 3 * 2
     per_image += latent**2 * (h * (4 + 4 * net.num_residual_layers) + 4 * d) * 2 + 4 * cfg.channels * side**2
-    transport = 3 * m * batch_size * k * 8 if q.name == "vqwae" else 2 * m * batch_size * k
+    exact_transport = q.name == "vqwae" and q.solver != "semidiscrete"  # the exact solvers' float64 work arrays
+    transport = 3 * m * batch_size * k * 8 if exact_transport else 2 * m * batch_size * k
     return params * PER_PARAMETER + 2 * BYTES * per_image * batch_size + BYTES * transport
 
 

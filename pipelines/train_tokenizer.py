@@ -29,10 +29,14 @@ from stage1_tokenizer.model import Tokenizer
 from stage1_tokenizer.quantizers import SPECS
 from stage1_tokenizer.quantizers.base import perplexity
 
-from .datasets import build_splits
+from .datasets import build_splits, validation_is_empty
 from .resources import check_fits_tokenizer
 from .settings import TokenizerJobConfig
 from .training import TrainingTask, shard_indices, train
+
+
+EMPTY_VALIDATION = ("the validation split is empty (data.val_size=0 or data.val_fraction=0?); it picks the best "
+                    "weights and drives the LR schedule: give it images (data.val_size > 0)")
 
 
 class TokenizerTask(TrainingTask):
@@ -52,15 +56,19 @@ class TokenizerTask(TrainingTask):
         # Another quantizer's settings do not change this one's result.
         self.incidental = tuple(f"quantizer.{setting.name}" for spec in SPECS.values() if spec.name != cfg.quantizer.name
                                 for setting in spec.settings)
+        if validation_is_empty(cfg.data):  # before the folder is claimed: a settings error leaves nothing behind
+            raise ConfigError(EMPTY_VALIDATION)
+        self.state = {"running_counts": torch.zeros(self.tokenizer_cfg.quantizer.codebook_size, dtype=torch.float64)}
+
+    def load_data(self) -> None:
+        cfg = self.cfg
         self.splits = build_splits(cfg.data, seed=cfg.seed)
         self.train_data = self.splits["train"]
         val = self.splits["val"]
         if len(val) == 0:
-            raise ConfigError("the validation split is empty (data.val_size=0?); it picks the best weights and drives "
-                              "the LR schedule: give it images (data.val_size > 0)")
+            raise ConfigError(EMPTY_VALIDATION)
         limit = cfg.train.eval_images
         self.val_set = val if limit is None or limit >= len(val) else Subset(val, range(limit))
-        self.state = {"running_counts": torch.zeros(self.tokenizer_cfg.quantizer.codebook_size, dtype=torch.float64)}
 
     def build_model(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_cfg)

@@ -267,7 +267,7 @@ def check_seed(seed: int) -> None:
 class TrainingTask:
     """What a training job supplies to the loop. Subclass it and fill in the methods below.
 
-    The loop calls, in order: `build_model()` (after seeding), `training_step()` once per step on batches of
+    The loop calls, in order: `load_data()`, `build_model()` (after seeding), `training_step()` once per step on batches of
     `train_data`, `validate()` every train.eval_every steps, and at the end `final_metrics()` with the exported
     weights; it owns everything else.
     The model is a HubModel (configio.hub): the loop saves and reloads it by its own save/from_pretrained.
@@ -286,6 +286,10 @@ class TrainingTask:
     train_data: Dataset  # the training split; batches of it go to training_step
     progress_format: Mapping[str, str] = MappingProxyType({"loss": "{loss:.4f}"})  # bar label -> format of the logs
     summary_format: str = "done"  # the last line printed, formatted with the final metrics
+
+    def load_data(self) -> None:
+        """Load the data (sets train_data and what validate/final_metrics read). Called once the folder is claimed
+        and the run is not finished, so "nothing to do" and "in use" never wait for the data."""
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -399,6 +403,7 @@ def _train(task: TrainingTask, cfg: TrainConfig, seed: int, output: Path, job_co
         remove_orphans(folder)
     checkpoints = CheckpointManager(output / "checkpoints", keep=cfg.keep_checkpoints)
     resume_from = checkpoints.resolve(cfg.resume or LATEST)
+    task.load_data()
 
     set_seed(seed)
     model = task.build_model()

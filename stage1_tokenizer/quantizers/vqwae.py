@@ -25,6 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from configio.errors import ConfigError
+
+from ..semidiscrete import SemiDiscreteTransport
 from ..transport import transport_costs, wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
 from .registry import QuantizerSpec, Setting, register
@@ -55,6 +58,7 @@ class VQWAEQuantizer(Quantizer):
         init: str = "uniform",
         solver: str = "exact",
         transport_scope: str = "local",
+        potential_step: float = 0.1,
     ):
         super().__init__(codebook_size, embedding_dim)
         self.num_positions = num_positions
@@ -63,6 +67,10 @@ class VQWAEQuantizer(Quantizer):
         self.global_transport = global_transport
         self.solver = solver
         self.transport_scope = transport_scope
+        if solver == "semidiscrete" and not global_transport:
+            raise ValueError("the semidiscrete solver transports one pi over all positions: it needs form=global")
+        # The semi-discrete form's codeword potentials: state carried from step to step (see semidiscrete.py).
+        self.semidiscrete = SemiDiscreteTransport(codebook_size, potential_step) if solver == "semidiscrete" else None
         rows = 1 if global_transport else num_positions
         logits = reference_logits(rows, codebook_size) if init == "reference" else torch.zeros(rows, codebook_size)
         if learn_weights:
@@ -117,6 +125,8 @@ class VQWAEQuantizer(Quantizer):
         # are every latent's squared distances to the codebook: the nearest codewords come from them too, so the
         # step computes one (positions * batch, K) distance matrix, not two.
         latents = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        if self.semidiscrete is not None and self.training and torch.is_grad_enabled():
+            self.semidiscrete.initialize_codebook(self.codebook.data, latents.detach().reshape(-1, d))
         codebook = self.codebook.float()
         costs = transport_costs(codebook, latents)
         indices = costs.argmin(dim=2).T.reshape(b, h, w)
@@ -124,7 +134,8 @@ class VQWAEQuantizer(Quantizer):
         weights = self.code_distributions()
         if self.global_transport:
             latents, costs = latents.reshape(1, h * w * b, d), costs.reshape(1, h * w * b, -1)
-        gathered, ot_weights, scale = self._gather(latents, weights)
+        # The semi-discrete form needs no gathering: its potentials follow every process's loads.
+        gathered, ot_weights, scale = (latents, weights, 1.0) if self.semidiscrete else self._gather(latents, weights)
         if gathered is not latents:  # other processes' latents: other costs
             latents, costs = gathered, None
         stats = {"perplexity": code_perplexity(indices, self.codebook_size).detach()}
@@ -135,11 +146,35 @@ class VQWAEQuantizer(Quantizer):
             stats["pi_perplexity"] = perplexity(weights.detach()).mean()
         # The transport term's graph after the KL term's: autograd sums the weights' two gradients in the order the
         # terms are built, and the other order changes training in the last bits.
-        transport = wasserstein_loss(latents, codebook, ot_weights, solver=self.solver, costs=costs)
+        if self.semidiscrete is not None:
+            # One problem over all positions' latents, weighted by the number of positions so that each latent's
+            # gradient is the one the per-position form gives it (mass 1/B at its position, 1/(M B) here).
+            training_step = self.training and torch.is_grad_enabled()
+            transport = h * w * self.semidiscrete(latents[0], codebook, weights[0], costs[0],
+                                                  codebook_storage=self.codebook.data if training_step else None)
+        else:
+            transport = wasserstein_loss(latents, codebook, ot_weights, solver=self.solver, costs=costs)
         losses = {"wasserstein": self.beta * scale * transport, **extra}
         quantized = z + (codewords - z).detach()
         return QuantizerOutput(quantized, indices.view(b, h, w), losses, stats)
 
+
+
+# From this codebook size "auto" means the global semi-discrete form: where it was measured against the paper's
+# per-position form and won (docs/large_codebooks.md). Below it the per-position form keeps every code in use.
+LARGE_CODEBOOK = 16_384
+
+
+def _check_settings(cfg) -> None:
+    # Resolved here, once per config, so a run's record holds the form and solver it ran with (and a K = 512 record
+    # is what it was before "auto" existed).
+    large = cfg.codebook_size >= LARGE_CODEBOOK
+    if cfg.form == "auto":
+        cfg.form = "global" if large else "per_position"
+    if cfg.solver == "auto":
+        cfg.solver = "semidiscrete" if large and cfg.form == "global" else "exact"
+    if cfg.solver == "semidiscrete" and cfg.form != "global":
+        raise ConfigError("quantizer.solver=semidiscrete transports one pi over all positions: add quantizer.form=global")
 
 
 register(QuantizerSpec(
@@ -148,17 +183,23 @@ register(QuantizerSpec(
     build=lambda cfg, dim, positions, data_dim: VQWAEQuantizer(
         cfg.codebook_size, dim, positions, beta=cfg.resolved_beta, kl_weight=cfg.kl_weight,
         learn_weights=cfg.weights == "learned", global_transport=cfg.form == "global", init=cfg.init,
-        solver=cfg.solver, transport_scope=cfg.transport_scope),
+        solver=cfg.solver, transport_scope=cfg.transport_scope, potential_step=cfg.potential_step),
     settings=(
         Setting("kl_weight", float, 1.0, expected=">= 0", ok=lambda v: v >= 0),
         Setting("weights", Literal["learned", "uniform"], "learned"),
-        Setting("form", Literal["per_position", "global"], "per_position"),
+        # auto: per_position below LARGE_CODEBOOK, global from it
+        Setting("form", Literal["auto", "per_position", "global"], "auto"),
         Setting("init", Literal["uniform", "reference"], "uniform"),
-        # "exact" (default: shortest paths over the latents), "dense" (exact, POT's network simplex)
-        Setting("solver", Literal["exact", "dense"], "exact"),
+        # "exact" (shortest paths over the latents), "dense" (exact, POT's network simplex), "semidiscrete" (the global
+        # form against the latent distribution, stage1_tokenizer/semidiscrete.py); auto: semidiscrete for the global
+        # form from LARGE_CODEBOOK, else exact
+        Setting("solver", Literal["auto", "exact", "dense", "semidiscrete"], "auto"),
+        # semidiscrete: the potentials' ascent step, relative to the batch's mean distance to its nearest codeword
+        Setting("potential_step", float, 0.1, expected="> 0, e.g. 0.1", ok=lambda v: v > 0),
         # several processes: "local" solves each process's batch, "global_batch" the latents of all processes
         Setting("transport_scope", Literal["local", "global_batch"], "local"),
     ),
+    check=_check_settings,
     default_beta=1e-3,  # the weight of the Wasserstein term
     order=90,
 ))

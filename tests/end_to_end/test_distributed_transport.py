@@ -1,10 +1,12 @@
-"""transport_scope=global_batch: two CPU processes (gloo) reproduce the single-process loss on the global batch."""
+"""Two CPU processes (gloo): transport_scope=global_batch reproduces the single-process loss on the global batch, and
+training with it or with the semi-discrete form keeps every process's weights equal."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -63,7 +65,12 @@ def test_global_batch_loss_and_gradients_match_single_process(tmp_path):
     close(torch.cat([r["z"] for r in ranks]) / WORLD, gz)
 
 
-def test_two_processes_train_with_global_batch_transport(tmp_path, data_root):
+@pytest.mark.parametrize("transport", [
+    ["quantizer.transport_scope=global_batch"],
+    # Potentials stepped on both processes' loads, codewords drawn and moved by process 0: codebooks stay equal.
+    ["quantizer.form=global", "quantizer.solver=semidiscrete", "quantizer.codebook_size=256"],
+], ids=["global_batch", "semidiscrete"])
+def test_two_processes_train_with_one_transport(tmp_path, data_root, transport):
     out = tmp_path / "tokenizer"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -71,7 +78,7 @@ def test_two_processes_train_with_global_batch_transport(tmp_path, data_root):
         "-m", "pipelines.train_tokenizer", "--output", str(out), f"data.root={data_root}", "data.limit=256",
         "train.batch_size=8", "quantizer.codebook_size=32", "network.hidden_channels=16", "network.residual_channels=8",
         "train.eval_images=32", "train.eval_batch_size=32", "train.log_every=2", "train.max_steps=4",
-        "train.eval_every=4", "train.checkpoint_every=4", "quantizer.transport_scope=global_batch",
+        "train.eval_every=4", "train.checkpoint_every=4", *transport,
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

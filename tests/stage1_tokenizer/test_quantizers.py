@@ -109,7 +109,7 @@ def test_vqwae_solver_setting_reaches_the_transport():
             q.codebook.copy_(torch.randn(10, 3, generator=torch.Generator().manual_seed(1)))
         losses[solver] = q(z).losses["wasserstein"].item()
     assert losses["exact"] == pytest.approx(losses["dense"], rel=1e-6)
-    # Removed (no measured case where they won): the Sinkhorn solver, "auto", epsilon and the background solve.
-    for values in ({"solver": "sinkhorn"}, {"solver": "auto"}, {"epsilon": 0.01}, {"overlap": "on"}):
+    # Removed (no measured case where they won): the Sinkhorn solver, epsilon and the background solve.
+    for values in ({"solver": "sinkhorn"}, {"epsilon": 0.01}, {"overlap": "on"}):
         with pytest.raises(ConfigError):
             from_dict(QuantizerConfig, values)
