@@ -150,6 +150,24 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     return obj
 
 
+def incidental(default: Any) -> Any:
+    """A dataclass field for a setting that changes how a job runs, not its result (a device, a batch size for
+    scoring, how often it logs): recorded in a run folder, never compared by the run-folder rule."""
+    return dataclasses.field(default=default, metadata={"incidental": True})
+
+
+def incidental_settings(cls: type, prefix: str = "") -> tuple[str, ...]:
+    """The dotted names of the settings of dataclass `cls` (and of its sections) declared with `incidental`."""
+    hints = typing.get_type_hints(cls)
+    names: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("incidental"):
+            names.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            names += incidental_settings(hints[f.name], f"{prefix}{f.name}.")
+    return tuple(names)
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 

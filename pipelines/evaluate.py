@@ -25,7 +25,7 @@ from typing import Any
 from torch.utils.data import Subset
 
 from configio.cli import JobArgumentParser
-from configio.config import load_config, to_dict
+from configio.config import incidental_settings, load_config, to_dict
 from configio.devices import pick_device
 from configio.errors import CheckpointError, ConfigError
 from configio.files import atomic_write_json, atomic_write_text, file_sha256
@@ -52,10 +52,6 @@ def check_run(run: Path) -> Path:
     if not (tokenizer_dir / CONFIG_NAME).is_file() or not (tokenizer_dir / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"'{run}' holds no trained tokenizer ({tokenizer_dir}/{WEIGHTS_NAME} missing); run 'make tokenizer RUN={run}'")
     return tokenizer_dir
-
-
-# Settings that change how fast, not what: never compared by the run-folder rule.
-INCIDENTAL_EVAL_SETTINGS = ("settings.device", "settings.batch_size", "settings.fid_batch_size")
 
 
 def samples_fingerprint(folder: Path) -> str | None:
@@ -85,7 +81,7 @@ def evaluate_run(run: Path, cfg: EvalConfig, progress: bool = True) -> dict[str,
     settings = {"settings": to_dict(cfg), "tokenizer_sha256": file_sha256(tokenizer_dir / WEIGHTS_NAME),
                 "samples": samples_fingerprint(samples_dir) if cfg.fid else None}
     inputs = (tokenizer_dir, samples_dir) if samples_dir.is_dir() else (tokenizer_dir,)
-    with claim_folder(run / "eval", "evaluate", settings, inputs=inputs, ignore=INCIDENTAL_EVAL_SETTINGS):
+    with claim_folder(run / "eval", "evaluate", settings, inputs=inputs, ignore=incidental_settings(EvalConfig, "settings.")):
         report_path = run / "eval" / "report.json"
         if report_path.is_file() and (run / "eval" / "report.md").is_file():
             try:

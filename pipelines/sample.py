@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from configio.cli import JobArgumentParser
-from configio.config import load_config, to_dict
+from configio.config import incidental_settings, load_config, to_dict
 from configio.devices import pick_device
 from configio.errors import ConfigError
 from configio.files import atomic_write_json, file_sha256, write_directory_atomically
@@ -41,10 +41,6 @@ from .resources import check_fits_sampling
 from .run_folder import claim_folder
 from .runs import job_seed, tokenizer_data_config
 from .settings import SampleConfig
-
-
-# Settings that change how fast, not what: never compared by the run-folder rule.
-INCIDENTAL_SAMPLE_SETTINGS = ("settings.fid_batch_size",)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     data_cfg = tokenizer_data_config(tokenizer_dir, [])
     settings = {"settings": to_dict(cfg), "tokenizer_sha256": file_sha256(tokenizer_dir / WEIGHTS_NAME),
                 "prior_sha256": file_sha256(prior_dir / WEIGHTS_NAME)}
-    with claim_folder(output, "sample", settings, inputs=(tokenizer_dir, prior_dir), ignore=INCIDENTAL_SAMPLE_SETTINGS):
+    with claim_folder(output, "sample", settings, inputs=(tokenizer_dir, prior_dir), ignore=incidental_settings(SampleConfig, "settings.")):
         if (output / "metrics.json").is_file():
             print(f"samples: {output} is finished with these settings; nothing to do")
             return

