@@ -23,8 +23,6 @@ from torch.utils.data import DataLoader, Subset
 from configio.cli import JobArgumentParser, run_cli
 from configio.config import load_config
 from configio.errors import ConfigError
-from eval.plots import save_reconstruction_grid, save_usage_histograms
-from eval.reconstruction import evaluate_tokenizer
 from stage1_tokenizer.model import Tokenizer
 from stage1_tokenizer.quantizers import SPECS
 from stage1_tokenizer.quantizers.base import perplexity
@@ -99,6 +97,11 @@ class TokenizerTask(TrainingTask):
         return float(total[0] / total[1].clamp_min(1))
 
     def final_metrics(self, model, accelerator) -> dict[str, Any]:
+        # Imported here: torchvision's models and torchmetrics take seconds to import, and a finished or locked
+        # folder answers before any of them is needed.
+        from eval.plots import save_reconstruction_grid, save_usage_histograms
+        from eval.reconstruction import evaluate_tokenizer
+
         if not accelerator.is_main_process:
             return {}
         output = self.output

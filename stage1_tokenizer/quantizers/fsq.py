@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-from vector_quantize_pytorch import FSQ
 
 from configio.errors import ConfigError
 
@@ -41,6 +40,8 @@ class FSQQuantizer(QuantizerInterface):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.levels = list(levels)
+        from vector_quantize_pytorch import FSQ  # its import takes seconds: only when one is built
+
         self.fsq = FSQ(levels=self.levels, dim=embedding_dim)
         self.codebook_size = int(self.fsq.codebook_size)
 

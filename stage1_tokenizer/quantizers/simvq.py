@@ -9,7 +9,6 @@ is straight-through, or the rotation trick with quantizer.rotation_trick=true.
 from __future__ import annotations
 
 import torch
-from vector_quantize_pytorch import SimVQ
 
 from .base import Quantizer, QuantizerInterface, QuantizerOutput, check_code_indices, code_perplexity, nearest_codewords
 from .registry import QuantizerSpec, register
@@ -20,6 +19,8 @@ class SimVQQuantizer(QuantizerInterface):
         super().__init__()
         self.codebook_size = codebook_size
         self.embedding_dim = embedding_dim
+        from vector_quantize_pytorch import SimVQ  # its import takes seconds: only when one is built
+
         self.simvq = SimVQ(dim=embedding_dim, codebook_size=codebook_size, channel_first=True,
                            rotation_trick=rotation_trick, input_to_quantize_commit_loss_weight=beta)
 

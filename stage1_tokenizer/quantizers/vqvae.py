@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
-
 from .base import Quantizer, QuantizerOutput, code_perplexity
 from .registry import QuantizerSpec, Setting, register
 
@@ -35,6 +33,8 @@ class VQVAEQuantizer(Quantizer):
         else:
             commitment_loss = self.beta * commitment_loss
         if self.rotation_trick and self.training:
+            from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to  # slow import: only when used
+
             channels_last = rotate_to(z.permute(0, 2, 3, 1), codewords.permute(0, 2, 3, 1))
             quantized = channels_last.permute(0, 3, 1, 2)
         else:

@@ -5,7 +5,6 @@ itself; a read-only `codebook` property gives the (K, D) codewords for analysis.
 from __future__ import annotations
 
 import torch
-from vector_quantize_pytorch import VectorQuantize
 
 from .base import (
     Quantizer,
@@ -40,6 +39,8 @@ class EMAVectorQuantizer(QuantizerInterface):
         super().__init__()
         self.codebook_size = codebook_size
         self.embedding_dim = embedding_dim
+        from vector_quantize_pytorch import VectorQuantize  # its import takes seconds: only when one is built
+
         self.vq = VectorQuantize(
             dim=embedding_dim,
             codebook_size=codebook_size,
