@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import torch
 
 from stage1_tokenizer.transport import _pairwise_sqdist, get_num_threads, wasserstein_loss
 
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "fashion_mnist.yaml"  # the default run's settings, for the training-job row
 TRAINED = Path("runs/default/tokenizer/best")
 # Tokenizers trained at each codebook size by `make sweep` (pipelines/sweep.py): K<size>/<model>/tokenizer.
 SWEEP = Path("runs/sweep-fashion_mnist")
@@ -247,7 +250,9 @@ def bench_codebook_sizes(repeats: int, sizes: list[int]) -> list[dict]:
             (F.mse_loss(chosen, flat.detach()) + 0.25 * F.mse_loss(flat, chosen.detach())).backward()
 
         t = interleaved({"w_term": w_term, "nearest": nearest_step}, repeats)
-        t.update(_timed_steps({name: _tokenizer(name, 32, k) for name in ("vqvae", "vqwae")}, images, repeats))
+        # The paper's per-position form at every K: the exact term this section times.
+        t.update(_timed_steps({"vqvae": _tokenizer("vqvae", 32, k), "vqwae": _tokenizer("vqwae", 32, k, form="per_position")},
+                              images, repeats))
         row = {"K": k, "M": 64, "B": 32, "D": 64, "data": data, **{f"{n}_ms": 1e3 * v for n, v in t.items()},
                "ratio_step_vqwae_vqvae": t["vqwae"] / t["vqvae"]}
         trained = _sweep_tokenizers(k)
@@ -352,6 +357,13 @@ def markdown(r: dict) -> str:
     lines += [f"| {s['vary']} | {s['M']} | {s['K']} | {s['B']} | {s['ms']:.1f} | {s['network_simplex_ms']:.1f} | "
               f"{s['network_simplex_ms'] / s['ms']:.2f} |" for s in r["scaling"]]
     lines.append(codebook_sizes_markdown(r["codebook_sizes"]))
+    big = r["large_codebook"]
+    lines += [f"\n## Training step at K = {big['K']:,}\n", "| quantizer | ms | vs vqvae |", "|---|---|---|"]
+    lines += [f"| {name[:-3]} | {big[name]:.1f} | {big[name] / big['vqvae_ms']:.2f} |" for name in big if name.endswith("_ms")]
+    j = r["job"]
+    lines += ["\n## The training job (pipelines.train_tokenizer, its own seconds per step)\n",
+              f"{j['config']}, {j['steps']} steps, data.limit={j['data_limit']}, {j['repeats']} interleaved repeats: "
+              f"VQ-VAE {j['vqvae_ms']:.1f} ms, VQ-WAE {j['vqwae_ms']:.1f} ms a step, **{j['ratio_vqwae_vqvae']:.2f}**.\n"]
     s = r["sampling"]
     lines += ["\n## Prior sampling\n", "| KV cache | samples/s |", "|---|---|",
               f"| on | {s['cache_samples_per_s']:.1f} |", f"| off | {s['no_cache_samples_per_s']:.1f} |",
@@ -363,16 +375,74 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_job(steps: int, repeats: int, limit: int, data_root: str) -> dict:
+    """The whole training job's seconds per step, VQ-VAE and VQ-WAE interleaved: `pipelines.train_tokenizer` on the
+    default config, its own train_seconds (the loop with data loading, logging, validation and checkpoints) over its
+    steps. What the step rows above cannot see, the cost around the step, shows here."""
+    import subprocess
+    import tempfile
+
+    seconds = {"vqvae": [], "vqwae": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for r in range(repeats):
+            for model in seconds:
+                output = Path(scratch) / f"{model}-{r}"
+                command = [sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(CONFIG),
+                           "--output", str(output), f"quantizer.name={model}", f"data.root={data_root}",
+                           f"data.limit={limit}", f"train.max_steps={steps}", f"train.eval_every={steps}",
+                           f"train.checkpoint_every={steps}"]
+                subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                metrics = json.loads((output / "metrics.json").read_text())
+                seconds[model].append(metrics["train_seconds"] / metrics["steps"])
+    per_step = {model: statistics.median(values) for model, values in seconds.items()}
+    return {"config": str(CONFIG.relative_to(ROOT)), "steps": steps, "data_limit": limit, "repeats": repeats,
+            **{f"{model}_ms": 1e3 * v for model, v in per_step.items()},
+            "ratio_vqwae_vqvae": per_step["vqwae"] / per_step["vqvae"]}
+
+
+LARGE_CODEBOOK_MODELS = {  # name: quantizer settings; VQ-VAE first, the unit of the ratios
+    "vqvae": {"name": "vqvae"},
+    "vqvae-ema": {"name": "vqvae-ema"},
+    "vqwae-per-position": {"name": "vqwae", "form": "per_position"},
+    "vqwae-semidiscrete": {"name": "vqwae", "form": "global", "solver": "semidiscrete"},
+}
+
+
+def bench_large_codebook(repeats: int, codebook_size: int) -> dict:
+    """A whole training step (batch 32, 8x8 grid, Fashion-MNIST images) at one large K, each quantizer side by side:
+    VQ-VAE, the EMA codebook, VQ-WAE's per-position form and its semi-discrete global form."""
+    images, data = fashion_images(32, 32)
+    models = {name: _tokenizer(settings.pop("name"), 32, codebook_size, **settings)
+              for name, settings in ((n, dict(q)) for n, q in LARGE_CODEBOOK_MODELS.items())}
+    for model in models.values():
+        model.train()
+    t = _timed_steps(models, images, repeats)
+    return {"K": codebook_size, "batch": 32, "latent_grid": 8, "data": data, "repeats": repeats,
+            **{f"{name}_ms": 1e3 * v for name, v in t.items()},
+            **{f"ratio_{name}_vqvae": v / t["vqvae"] for name, v in t.items() if name != "vqvae"}}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (a smoke test)")
-    parser.add_argument("--only", choices=["codebook_sizes"], default=None,
-                        help="one section only (the large-codebook section)")
+    parser.add_argument("--data-root", default="data", help="where the training-job row finds (or unpacks) its data")
+    parser.add_argument("--only", choices=["codebook_sizes", "large_codebook", "job"], default=None,
+                        help="one section only: the codebook sizes' W term and steps, the K = 16,384 quantizers, or "
+                             "the training job's seconds per step")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     q = args.quick
     report = {"machine": machine()}
+    sections = {"large_codebook": lambda: bench_large_codebook(2 if q else 10, 2048 if q else 16384),
+                "job": lambda: bench_job(4 if q else 300, 1 if q else 2, 64 if q else 8192, args.data_root)}
+    if args.only in sections:
+        report[args.only] = sections[args.only]()
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.only}.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report[args.only], indent=2))
+        return
     if args.only == "codebook_sizes":
         report["codebook_sizes"] = bench_codebook_sizes(1 if q else 3, [512, 2048] if q else [512, 2048, 8192, 16384])
         out = Path(args.output)
@@ -390,6 +460,8 @@ def main(argv=None) -> None:
         report["steps"].append(bench_step(32, 64, 6, False))
     report["scaling"] = bench_scaling(1 if q else 2)
     report["codebook_sizes"] = bench_codebook_sizes(1 if q else 3, [512, 2048] if q else [512, 2048, 8192, 16384])
+    report["large_codebook"] = sections["large_codebook"]()
+    report["job"] = sections["job"]()
     report["sampling"] = bench_sampling(1 if q else 3, 8 if q else 32)
     report["fid"] = bench_fid(1 if q else 2, 16 if q else 32)
     out = Path(args.output)

@@ -149,7 +149,7 @@ def whole_test_split_table() -> str:
                      percent(m["usage"]), cell(m["dead_codes"], ","), cell(m["perplexity"], ",.0f"),
                      cell(m["psnr"], ".2f"), cell(m["ssim"], ".3f")])
     return table(["run", "quantizer", "K", "steps", "usage", "dead codes", "perplexity", "PSNR (dB)", "SSIM"], rows) + \
-        "\n\n" + made_by("sweep-fashion_mnist", "k16384-default")
+        "\n\n" + made_by("sweep-fashion_mnist", "k16384-default/vqwae")
 
 
 # ------------------------------------------------------------------------------------------------ what pi does
@@ -230,6 +230,45 @@ def codebook_sizes_table(name: str = "bench-codebook-sizes", trained: bool = Fal
     return table(header, body) + ("\n\n" + made_by(name) if trained else "")
 
 
+# ------------------------------------------------------------------------------------------------ large codebooks
+
+# The K = 16,384 tokenizers trained 500 steps by the same job, in the order of the table.
+LARGE_CODEBOOK_500 = ["vqwae", "vqwae-semidiscrete", "vqvae-ema"]
+# What each run folder's name stands for (the folders of runs made before config.json was kept say no more).
+LARGE_CODEBOOK_LABELS = {
+    "vqwae": "`vqwae`, the paper's per-position form",
+    "vqwae-semidiscrete": "`vqwae`, global semi-discrete form",
+    "vqvae-ema": "`vqvae-ema`",
+    "wasserstein-vq": "`wasserstein-vq`",
+    "optvq": "`optvq`",
+    "simvq": "`simvq`, rotation trick",
+    "fsq": "`fsq` ([8, 8, 8, 6, 5])",
+}
+
+
+def tokenizer_runs_table(name: str, models: list[str]) -> str:
+    """Tokenizers trained by the same job at one codebook size: each one's own metrics.json (the whole test split)."""
+    rows = []
+    for model in models:
+        folder = f"{name}/{model}/tokenizer"
+        m = load(f"{folder}/metrics.json")
+        rows.append([LARGE_CODEBOOK_LABELS[model], f"{m['codebook_size']:,}", f"{m['steps']:,}", percent(m["usage"]),
+                     cell(m["dead_codes"], ","), cell(m["perplexity"], ",.0f"), cell(m["psnr"], ".2f"),
+                     cell(m["ssim"], ".3f")])
+    return table(["quantizer", "K", "steps", "usage", "dead codes", "perplexity", "PSNR (dB)", "SSIM"], rows) + \
+        "\n\n" + made_by(*(f"{name}/{model}" for model in models))
+
+
+def large_codebook_step_table(name: str = "bench-large-codebook") -> str:
+    r = load(f"{name}/large_codebook.json")["large_codebook"]
+    models = [key[: -len("_ms")] for key in r if key.endswith("_ms")]
+    rows = [[f"`{model}`", f"{r[model + '_ms']:,.0f}", "1.00" if model == "vqvae" else f"{r[f'ratio_{model}_vqvae']:.2f}"]
+            for model in models]
+    return table(["quantizer", "training step ms", "vs vqvae"], rows) + \
+        f"\n\nK = {r['K']:,}, batch {r['batch']}, {r['latent_grid']}x{r['latent_grid']} grid, {r['data']}, " \
+        f"random init, the median of {r['repeats']} interleaved repeats. " + made_by(name)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "default-run": default_run_table,
     "compare-default": lambda: compare_table("compare-fashion_mnist"),
@@ -242,6 +281,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench": bench_table,
     "codebook-sizes-random-init": codebook_sizes_table,
     "codebook-sizes-trained": lambda: codebook_sizes_table(trained=True),
+    "large-codebook-500": lambda: tokenizer_runs_table("k16384-500", LARGE_CODEBOOK_500),
+    "large-codebook-default": lambda: tokenizer_runs_table("k16384-default", ["vqwae", "vqwae-semidiscrete"]),
+    "large-codebook-step": large_codebook_step_table,
 }
 
 

@@ -9,12 +9,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quick_benchmark_writes_json_and_markdown(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--output", str(tmp_path)]
+def test_quick_benchmark_writes_json_and_markdown(tmp_path, data_root):
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--output", str(tmp_path), "--data-root", str(data_root)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report) >= {"machine", "wasserstein", "steps", "scaling", "codebook_sizes", "sampling", "fid"}
+    assert set(report) >= {"machine", "wasserstein", "steps", "scaling", "codebook_sizes", "large_codebook", "sampling",
+                           "fid"}
+    job = report["job"]
+    assert job["ratio_vqwae_vqvae"] == pytest.approx(job["vqwae_ms"] / job["vqvae_ms"]) and job["vqvae_ms"] > 0
+    large = report["large_codebook"]
+    assert {f"{name}_ms" for name in ("vqvae", "vqvae-ema", "vqwae-per-position", "vqwae-semidiscrete")} <= set(large)
     w = report["wasserstein"]
     assert w["max_rel_value_difference"] <= 1e-5  # the timed solver agrees with the naive one it is timed against
     step = report["steps"][0]
@@ -24,4 +29,6 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     assert [row["K"] for row in report["codebook_sizes"]] == [512, 2048]
     for row in report["codebook_sizes"]:  # each size's ratio is of its own two timings
         assert row["ratio_step_vqwae_vqvae"] == pytest.approx(row["vqwae_ms"] / row["vqvae_ms"])
-    assert "## Large codebooks" in text and "## Wasserstein term" in text and "## Training step" in text and "## Prior sampling" in text
+    for section in ("## Large codebooks", "## Wasserstein term", "## Training step", "## Training step at K", "## The training job",
+                    "## Prior sampling"):
+        assert section in text
