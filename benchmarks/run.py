@@ -375,29 +375,38 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_job(steps: int, repeats: int, limit: int, data_root: str) -> dict:
+def bench_job(steps: int, repeats: int, limit: int, data_root: str, baseline: str | None = None) -> dict:
     """The whole training job's seconds per step, VQ-VAE and VQ-WAE interleaved: `pipelines.train_tokenizer` on the
     default config, its own train_seconds (the loop with data loading, logging, validation and checkpoints) over its
-    steps. What the step rows above cannot see, the cost around the step, shows here."""
+    steps. What the step rows above cannot see, the cost around the step, shows here. `baseline`: another checkout
+    of this repository (e.g. `git worktree add /tmp/old <commit>`) whose VQ-WAE job runs in the same rounds."""
     import subprocess
     import tempfile
 
-    seconds = {"vqvae": [], "vqwae": []}
+    checkouts = {"vqvae": ROOT, "vqwae": ROOT, **({"vqwae_baseline": Path(baseline).resolve()} if baseline else {})}
+    seconds: dict[str, list[float]] = {variant: [] for variant in checkouts}
     with tempfile.TemporaryDirectory() as scratch:
-        for r in range(repeats):
-            for model in seconds:
-                output = Path(scratch) / f"{model}-{r}"
+        for r in range(-1, repeats):  # round -1 warms each checkout's compiled solver cache, untimed
+            for variant, checkout in checkouts.items():
+                output = Path(scratch) / f"{variant}-{r}"
+                run_steps = 2 if r < 0 else steps
                 command = [sys.executable, "-m", "pipelines.train_tokenizer", "--config", str(CONFIG),
-                           "--output", str(output), f"quantizer.name={model}", f"data.root={data_root}",
-                           f"data.limit={limit}", f"train.max_steps={steps}", f"train.eval_every={steps}",
-                           f"train.checkpoint_every={steps}"]
-                subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                metrics = json.loads((output / "metrics.json").read_text())
-                seconds[model].append(metrics["train_seconds"] / metrics["steps"])
-    per_step = {model: statistics.median(values) for model, values in seconds.items()}
-    return {"config": str(CONFIG.relative_to(ROOT)), "steps": steps, "data_limit": limit, "repeats": repeats,
-            **{f"{model}_ms": 1e3 * v for model, v in per_step.items()},
-            "ratio_vqwae_vqvae": per_step["vqwae"] / per_step["vqvae"]}
+                           "--output", str(output), f"quantizer.name={variant.split('_')[0]}", f"data.root={data_root}",
+                           f"data.limit={limit}", f"train.max_steps={run_steps}", f"train.eval_every={run_steps}",
+                           f"train.checkpoint_every={run_steps}"]
+                env = dict(os.environ, PYTHONPATH=str(checkout))
+                subprocess.run(command, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+                if r >= 0:
+                    metrics = json.loads((output / "metrics.json").read_text())
+                    seconds[variant].append(metrics["train_seconds"] / metrics["steps"])
+    per_step = {variant: statistics.median(values) for variant, values in seconds.items()}
+    result = {"config": str(CONFIG.relative_to(ROOT)), "steps": steps, "data_limit": limit, "repeats": repeats,
+              **{f"{variant}_ms": 1e3 * v for variant, v in per_step.items()},
+              "ratio_vqwae_vqvae": per_step["vqwae"] / per_step["vqvae"]}
+    if baseline:
+        result.update(baseline=baseline, ratio_vqwae_vqwae_baseline=per_step["vqwae"] / per_step["vqwae_baseline"])
+    return result
 
 
 LARGE_CODEBOOK_MODELS = {  # name: quantizer settings; VQ-VAE first, the unit of the ratios
@@ -427,6 +436,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (a smoke test)")
     parser.add_argument("--data-root", default="data", help="where the training-job row finds (or unpacks) its data")
+    parser.add_argument("--job-baseline", default=None,
+                        help="another checkout whose VQ-WAE training job the job row runs in the same rounds")
     parser.add_argument("--only", choices=["codebook_sizes", "large_codebook", "job"], default=None,
                         help="one section only: the codebook sizes' W term and steps, the K = 16,384 quantizers, or "
                              "the training job's seconds per step")
@@ -435,7 +446,8 @@ def main(argv=None) -> None:
     q = args.quick
     report = {"machine": machine()}
     sections = {"large_codebook": lambda: bench_large_codebook(2 if q else 10, 2048 if q else 16384),
-                "job": lambda: bench_job(4 if q else 300, 1 if q else 2, 64 if q else 8192, args.data_root)}
+                "job": lambda: bench_job(4 if q else 300, 1 if q else 3, 64 if q else 8192, args.data_root,
+                                         args.job_baseline)}
     if args.only in sections:
         report[args.only] = sections[args.only]()
         out = Path(args.output)

@@ -9,7 +9,8 @@ position, the comparison table when there is one).
 
 Offline and private by default: it binds to 127.0.0.1, makes no share link, turns Gradio's analytics off and uses
 system fonts only, so the page loads nothing from outside the machine. Requests are queued and served one at a time
-(CPU sampling takes the cores); a bad upload or setting is a message in the page, never a dead server.
+(CPU sampling takes the cores), up to QUEUE_SIZE waiting; past that a request is told the queue is full; a bad upload
+or setting is a message in the page, never a dead server.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from .settings import SampleConfig
 MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_UPLOAD_BYTES = 32 * 2**20
 MAX_IMAGES = 64
+QUEUE_SIZE = 256  # requests waiting for their turn (one is served at a time); more are told the queue is full
 ALL_CLASSES = "all classes in turn"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
@@ -431,7 +433,7 @@ def build_app(demo: DemoRun):
                          format="png", height=460)
             refresh = gr.Button("Reload metrics")
             refresh.click(_shown(lambda: model_summary(demo)), [], [summary], api_name="model")
-    app.queue(default_concurrency_limit=1, max_size=256)
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return app
 
 

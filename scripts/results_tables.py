@@ -233,7 +233,7 @@ def codebook_sizes_table(name: str = "bench-codebook-sizes", trained: bool = Fal
 # ------------------------------------------------------------------------------------------------ large codebooks
 
 # The K = 16,384 tokenizers trained 500 steps by the same job, in the order of the table.
-LARGE_CODEBOOK_500 = ["vqwae", "vqwae-semidiscrete", "vqvae-ema"]
+LARGE_CODEBOOK_500 = ["vqwae", "vqwae-semidiscrete", "vqvae-ema", "optvq", "wasserstein-vq", "simvq", "fsq"]
 # What each run folder's name stands for (the folders of runs made before config.json was kept say no more).
 LARGE_CODEBOOK_LABELS = {
     "vqwae": "`vqwae`, the paper's per-position form",

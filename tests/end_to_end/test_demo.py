@@ -4,6 +4,7 @@ import io
 import shutil
 import socket
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -170,6 +171,52 @@ def test_eight_concurrent_generations_are_all_answered(served):
     assert len(results) == 8 and all("4 images" in info for _, info in results)
     grids = [picture(grid) for grid, _ in results]
     assert not np.array_equal(grids[0], grids[1])  # different seeds, different images
+
+
+def ask_at_once(url, count):
+    """`count` users at once, each with its own client, Generate / Reconstruct / Complete in turn. Returns each
+    one's outcome ("answered", "queue full" or the error) and the seconds from the start to the last answer."""
+    clients = [Client(url, verbose=False) for _ in range(count)]
+    tabs = [
+        lambda client, i: client.predict(demo_job.ALL_CLASSES, 4, 1.0, 0, 1.0, 1.0, i, api_name="/generate"),
+        lambda client, i: client.predict(None, i, api_name="/reconstruct"),
+        lambda client, i: client.predict(None, i, 2, 2, demo_job.ALL_CLASSES, 1.0, 0, 1.0, 1.0, i, api_name="/complete"),
+    ]
+
+    def ask(i):
+        try:
+            tabs[i % len(tabs)](clients[i], i)
+            return "answered"
+        except Exception as err:  # noqa: BLE001 - gradio_client raises its own types for a refused request
+            return "queue full" if "queue is full" in str(err).lower() else f"{type(err).__name__}: {err}"
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(count) as pool:
+        outcomes = list(pool.map(ask, range(count)))
+    return outcomes, time.perf_counter() - started
+
+
+def test_thirty_two_users_at_once_are_all_answered_in_turn(served, record_property):
+    """The README's figure: 32 users at once on a tiny run, a mix of the three tabs, all answered one at a time."""
+    _, url, _ = served
+    outcomes, seconds = ask_at_once(url, 32)
+    assert outcomes == ["answered"] * 32
+    record_property("seconds_to_the_last_of_32_answers", round(seconds, 1))
+    assert seconds < 300
+
+
+def test_users_past_the_queues_places_are_told_it_is_full(tiny_run):
+    run = demo_job.DemoRun.open(tiny_run)
+    app = demo_job.build_app(run)
+    app.queue(default_concurrency_limit=1, max_size=4)  # the real QUEUE_SIZE is far above what a test can send
+    port = free_port()
+    demo_job.launch(app, "127.0.0.1", port, block=False)
+    try:
+        outcomes, _ = ask_at_once(f"http://127.0.0.1:{port}/", 16)
+    finally:
+        app.close()
+    assert set(outcomes) == {"answered", "queue full"}, outcomes
+    assert outcomes.count("answered") >= 5  # the one being served and the four waiting
 
 
 def test_a_missing_run_stops_with_one_line(tmp_path):
