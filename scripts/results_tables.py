@@ -269,6 +269,17 @@ def large_codebook_step_table(name: str = "bench-large-codebook") -> str:
         f"random init, the median of {r['repeats']} interleaved repeats. " + made_by(name)
 
 
+def job_table(name: str = "bench-job") -> str:
+    """benchmarks/run.py's whole-training-job row: each job's own seconds per step, interleaved."""
+    j = load(f"{name}/job.json")["job"]
+    rows = [["`vqvae`", f"{j['vqvae_ms']:.1f}"], ["`vqwae`", f"{j['vqwae_ms']:.1f}"]]
+    if "vqwae_baseline_ms" in j:
+        rows.append([f"`vqwae` at `{Path(j['baseline']).name}`", f"{j['vqwae_baseline_ms']:.1f}"])
+    return table(["training job", "ms per step"], rows) + \
+        f"\n\n`pipelines.train_tokenizer` with `{j['config']}`, data.limit={j['data_limit']:,}, {j['steps']} steps, " \
+        f"the median of {j['repeats']} interleaved rounds of its own train_seconds per step. " + made_by(name)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "default-run": default_run_table,
     "compare-default": lambda: compare_table("compare-fashion_mnist"),
@@ -284,6 +295,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "large-codebook-500": lambda: tokenizer_runs_table("k16384-500", LARGE_CODEBOOK_500),
     "large-codebook-default": lambda: tokenizer_runs_table("k16384-default", ["vqwae", "vqwae-semidiscrete"]),
     "large-codebook-step": large_codebook_step_table,
+    "job": job_table,
 }
 
 

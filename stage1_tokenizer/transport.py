@@ -56,7 +56,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import ot
 import torch
 
 from configio.errors import NonFiniteValues
@@ -153,6 +152,8 @@ def _solve_dense(a, b, C_t, num_iter_max, m):
     POT's public ``ot.emd``: its private ``emd_c`` with the same post-processing was measured no faster."""
     if not np.isfinite(C_t).all():
         raise NonFiniteValues("the transport cost or the code weights contain NaN/inf")
+    import ot  # POT takes most of a second to import (scipy.stats): only where the network simplex runs
+
     plan, log = ot.emd(a, b, np.ascontiguousarray(C_t.T, dtype=np.float64), numItermax=num_iter_max, log=True)
     _check(log["result_code"], m)
     return plan.T, log["cost"], log["u"], log["v"]
