@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,18 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def usual_signal_handlers():
+    """The suite may start with SIGINT ignored (a script's background job, nohup); the interruption tests and the
+    jobs they start need Python's usual handlers, so the suite runs with them and restores what it found."""
+    found = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in found.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")
