@@ -22,8 +22,11 @@ apply_job_environment()  # before torch loads
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
 import argparse
+import hashlib
+import io
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -343,17 +346,51 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------------------- the page
 
-def _shown(handler):
-    """A tab's function as the page calls it: a bad input becomes a message in the page (gr.Error)."""
+class PictureFiles:
+    """The page's pictures as PNG files named by their content, each written whole (a temporary name, then a rename)
+    and never rewritten. Why: Gradio saves a returned array into its cache in place, at a path named by the content,
+    so two requests with the same picture rewrite a file while the first user is still downloading it (one of 32
+    users at once received 0 bytes of 548). A file path it copies atomically instead. The folder goes with this
+    object, which the page's callbacks hold."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="vqwae-demo-")
+        self.folder = Path(self._folder.name)
+
+    def path_of(self, picture: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path = self.folder / f"{hashlib.sha256(data).hexdigest()}.png"
+        if not path.exists():
+            staging = tempfile.NamedTemporaryFile(dir=self.folder, suffix=".partial", delete=False)
+            with staging:
+                staging.write(data)
+            os.replace(staging.name, path)
+        return str(path)
+
+    def files_for(self, outputs: Any) -> Any:
+        """A tab's outputs with every picture (a uint8 array) replaced by its file."""
+        if isinstance(outputs, tuple):
+            return tuple(self.files_for(output) for output in outputs)
+        if isinstance(outputs, np.ndarray) and outputs.dtype == np.uint8 and outputs.ndim in (2, 3):
+            return self.path_of(outputs)
+        return outputs
+
+
+def _shown(handler, pictures: PictureFiles | None = None):
+    """A tab's function as the page calls it: a bad input becomes a message in the page (gr.Error); pictures are
+    handed over as files when `pictures` is given."""
     import gradio as gr
 
     def call(*args):
         try:
-            return handler(*args)
+            outputs = handler(*args)
         except UserError as err:
             raise gr.Error(" ".join(str(err).split())) from None
         except MemoryError:
             raise gr.Error("out of memory for this request; ask for fewer images") from None
+        return pictures.files_for(outputs) if pictures is not None else outputs
 
     call.__name__ = handler.__name__
     return call
@@ -368,6 +405,8 @@ def build_app(demo: DemoRun):
         test_count = len(demo.test_set)
     except UserError:  # the data set is not on this machine (a Space): uploads still work
         test_count = 0
+
+    pictures = PictureFiles()
 
     def sampling_controls():
         with gr.Row():
@@ -388,9 +427,9 @@ def build_app(demo: DemoRun):
                 gen_count = gr.Slider(1, MAX_IMAGES, value=16, step=1, label="number of images")
             gen_controls = sampling_controls()
             gen_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-            gen_grid = gr.Image(label="samples", type="numpy", elem_id="generate-output", format="png")
+            gen_grid = gr.Image(label="samples", type="filepath", elem_id="generate-output", format="png")
             gen_info = gr.Markdown()
-            gen_button.click(_shown(lambda *a: generate(demo, *a)), [gen_class, gen_count, *gen_controls],
+            gen_button.click(_shown(lambda *a: generate(demo, *a), pictures), [gen_class, gen_count, *gen_controls],
                              [gen_grid, gen_info], api_name="generate")
         with gr.Tab("Reconstruct"):
             with gr.Row():
@@ -399,12 +438,12 @@ def build_app(demo: DemoRun):
                                       "test image (none on this machine: upload one)", precision=0)
             rec_button = gr.Button("Reconstruct", variant="primary")
             with gr.Row():
-                rec_original = gr.Image(label="original", type="numpy", format="png")
-                rec_recon = gr.Image(label="reconstruction", type="numpy", format="png")
-                rec_codes = gr.Image(label="code grid (one colour per code index)", type="numpy", format="png")
+                rec_original = gr.Image(label="original", type="filepath", format="png")
+                rec_recon = gr.Image(label="reconstruction", type="filepath", format="png")
+                rec_codes = gr.Image(label="code grid (one colour per code index)", type="filepath", format="png")
             rec_table = gr.Dataframe(label="code indices", interactive=False)
             rec_info = gr.Markdown()
-            rec_button.click(_shown(lambda *a: reconstruct(demo, *a)), [rec_upload, rec_index],
+            rec_button.click(_shown(lambda *a: reconstruct(demo, *a), pictures), [rec_upload, rec_index],
                              [rec_original, rec_recon, rec_codes, rec_table, rec_info], api_name="reconstruct")
         with gr.Tab("Complete"):
             with gr.Row():
@@ -418,9 +457,9 @@ def build_app(demo: DemoRun):
                 com_count = gr.Slider(1, 16, value=6, step=1, label="completions")
             com_controls = sampling_controls()
             com_button = gr.Button("Complete", variant="primary")
-            com_grid = gr.Image(label="completions", type="numpy", format="png")
+            com_grid = gr.Image(label="completions", type="filepath", format="png")
             com_info = gr.Markdown()
-            com_button.click(_shown(lambda *a: complete(demo, *a)),
+            com_button.click(_shown(lambda *a: complete(demo, *a), pictures),
                              [com_upload, com_index, com_rows, com_count, com_class, *com_controls],
                              [com_grid, com_info], api_name="complete")
         with gr.Tab("Model"):

@@ -252,3 +252,18 @@ def test_the_page_works_in_a_real_browser_and_loads_nothing_from_outside(served,
 
 def test_a_bad_port_is_one_line(tiny_run):
     one_line_error(job("pipelines.demo", "--run", tiny_run, "--port", "99999", check=False), "--port must lie in")
+
+
+def test_a_picture_handed_to_the_page_is_never_rewritten():
+    """Gradio rewrites an array's cache file in place when a later request returns the same picture, so a user still
+    downloading it got 0 bytes (once in 32 users at once, in CI); the page's pictures are files written whole once."""
+    pictures = demo_job.PictureFiles()
+    picture_array = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    first = Path(pictures.path_of(picture_array))
+    written = first.stat()
+    again = Path(pictures.path_of(picture_array.copy()))
+    assert again == first and again.stat().st_mtime_ns == written.st_mtime_ns and again.stat().st_ino == written.st_ino
+    assert np.array_equal(np.asarray(Image.open(first)), picture_array)
+    assert [p.name for p in pictures.folder.iterdir()] == [first.name]  # no partial file left beside it
+    grid, codes, text = pictures.files_for((picture_array[..., 0], [[1, 2]], "text"))
+    assert Path(grid).is_file() and codes == [[1, 2]] and text == "text"
