@@ -22,6 +22,9 @@ NUM_SAMPLES ?= 1000
 FID_REFERENCE ?= 2000
 SAMPLE_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes, each test file in one of them (--dist loadfile: a file's shared fixtures are made once); each runs
+# torch on its share of the cores (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 TOKENIZER := $(RUN)/tokenizer
 CODES := $(RUN)/codes
@@ -61,10 +64,10 @@ $(VENV)/.installed-browser: $(VENV)/.installed-demo
 	@touch $@
 
 test: $(VENV)/.installed $(VENV)/.installed-demo $(VENV)/.installed-browser
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 clean-run:
 	rm -rf $(RUN)

@@ -375,18 +375,20 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_job(steps: int, repeats: int, limit: int, data_root: str, baseline: str | None = None) -> dict:
+def bench_job(steps: int, repeats: int, limit: int, data_root: str, baseline: str | None = None,
+              warm_up: bool = True) -> dict:
     """The whole training job's seconds per step, VQ-VAE and VQ-WAE interleaved: `pipelines.train_tokenizer` on the
     default config, its own train_seconds (the loop with data loading, logging, validation and checkpoints) over its
     steps. What the step rows above cannot see, the cost around the step, shows here. `baseline`: another checkout
-    of this repository (e.g. `git worktree add /tmp/old <commit>`) whose VQ-WAE job runs in the same rounds."""
+    of this repository (e.g. `git worktree add /tmp/old <commit>`) whose VQ-WAE job runs in the same rounds.
+    `warm_up`: a first untimed round, which compiles each checkout's solver cache (off for a smoke test)."""
     import subprocess
     import tempfile
 
     checkouts = {"vqvae": ROOT, "vqwae": ROOT, **({"vqwae_baseline": Path(baseline).resolve()} if baseline else {})}
     seconds: dict[str, list[float]] = {variant: [] for variant in checkouts}
     with tempfile.TemporaryDirectory() as scratch:
-        for r in range(-1, repeats):  # round -1 warms each checkout's compiled solver cache, untimed
+        for r in range(-1 if warm_up else 0, repeats):
             for variant, checkout in checkouts.items():
                 output = Path(scratch) / f"{variant}-{r}"
                 run_steps = 2 if r < 0 else steps
@@ -447,7 +449,7 @@ def main(argv=None) -> None:
     report = {"machine": machine()}
     sections = {"large_codebook": lambda: bench_large_codebook(2 if q else 10, 2048 if q else 16384),
                 "job": lambda: bench_job(4 if q else 300, 1 if q else 3, 64 if q else 8192, args.data_root,
-                                         args.job_baseline)}
+                                         args.job_baseline, warm_up=not q)}
     if args.only in sections:
         report[args.only] = sections[args.only]()
         out = Path(args.output)

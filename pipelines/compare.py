@@ -32,7 +32,7 @@ from configio.cli import run_cli
 from configio.config import from_dict, load_config, to_dict
 from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_sample_panels, save_usage_histograms
-from eval.report import PROTOCOL_TEXT
+from eval.report import PROTOCOL_TEXT, EvalConfig
 from stage1_tokenizer.quantizers import QuantizerConfig
 
 from .chain import (
@@ -49,7 +49,8 @@ from .chain import (
     true_or_false,
 )
 from .run_folder import claim_folder
-from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
+from .generation import SampleConfig
+from .settings import PriorJobConfig, TokenizerJobConfig
 
 
 # What compare itself writes in its folder (the rest are the model folders, each step's own).

@@ -47,9 +47,8 @@ from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
 from .datasets import build_splits, resize_uint8
-from .generation import check_pair, draw, sample_labels
+from .generation import SampleConfig, check_pair, draw, sample_labels
 from .runs import job_seed, load_codes, tokenizer_data_config
-from .settings import SampleConfig
 
 # Uploads: a header larger than this many pixels is refused before it is decoded (decompression bombs).
 MAX_UPLOAD_PIXELS = 4096 * 4096

@@ -31,6 +31,7 @@ from configio.errors import CheckpointError, ConfigError
 from configio.files import atomic_write_json, atomic_write_text, file_sha256
 from eval.fid import FIDError, list_images
 from eval.report import (
+    EvalConfig,
     PROTOCOL_TEXT,
     FIDReference,
     evaluate_reconstructions,
@@ -42,7 +43,6 @@ from stage1_tokenizer.model import CONFIG_NAME, WEIGHTS_NAME, Tokenizer
 from .datasets import build_splits
 from .run_folder import claim_folder
 from .runs import job_seed, tokenizer_data_config
-from .settings import EvalConfig
 
 
 def check_run(run: Path) -> Path:

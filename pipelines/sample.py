@@ -35,12 +35,11 @@ from stage1_tokenizer.model import WEIGHTS_NAME, Tokenizer
 from stage2_prior.model import CodePrior
 
 from .datasets import DataConfig, build_splits
-from .generation import check_pair, sample_labels
+from .generation import SampleConfig, check_pair, sample_labels
 from .generation import draw as draw_images
 from .resources import check_fits_sampling
 from .run_folder import claim_folder
 from .runs import job_seed, tokenizer_data_config
-from .settings import SampleConfig
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

@@ -32,7 +32,7 @@ from configio.config import load_config, to_dict
 from configio.errors import ConfigError
 from configio.files import atomic_write_json, atomic_write_text
 from eval.plots import save_sweep_curves
-from eval.report import PROTOCOL_TEXT
+from eval.report import PROTOCOL_TEXT, EvalConfig
 
 from .chain import (
     MODELS,
@@ -48,7 +48,8 @@ from .chain import (
     true_or_false,
 )
 from .run_folder import claim_folder
-from .settings import EvalConfig, PriorJobConfig, SampleConfig, TokenizerJobConfig
+from .generation import SampleConfig
+from .settings import PriorJobConfig, TokenizerJobConfig
 
 SWEEP_OUTPUTS = ("table.md", "table.json", "usage_perplexity_vs_codebook_size.png")
 DEFAULT_SIZES = [512, 2048, 8192, 16384]

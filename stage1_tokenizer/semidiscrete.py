@@ -26,7 +26,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
+
+from .distributed import all_reduce, broadcast_from_first, world_size
 
 # Rows of latents per block when a certificate scans many latents: a (rows, K) block of about 2^22 entries.
 _BLOCK_ENTRIES = 1 << 22
@@ -39,17 +40,6 @@ _INIT_JITTER = 0.1
 def laguerre_assignment(costs: torch.Tensor, potentials: torch.Tensor) -> torch.Tensor:
     """Each latent's codeword under the potentials: argmin_k (costs[i, k] - potentials[k]); costs (N, K)."""
     return (costs - potentials[None, :]).argmin(dim=1)
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (a no-op in one process), so every process takes the same potential step."""
-    if _world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
 
 
 class Certificate(NamedTuple):
@@ -76,13 +66,16 @@ class SemiDiscreteTransport(torch.nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         # Steps since each codeword last took a latent (summed over processes).
         self.register_buffer("idle_steps", torch.zeros(codebook_size, dtype=torch.long))
+        # Whether `initialized` was seen True: reading the buffer is a device sync, paid once rather than every step.
+        self._initialized_seen = False
 
     @torch.no_grad()
     def initialize_codebook(self, codebook: torch.Tensor, latents: torch.Tensor) -> bool:
         """On the first training step, codewords drawn from the batch's latents (with repeats when K > N); True if
         it did. A collapsed start (every codeword at one point) would leave the assignment to the potentials alone,
         and one codeword would take the whole batch and a potential step thousands of times too large."""
-        if bool(self.initialized):
+        if self._initialized_seen or bool(self.initialized):
+            self._initialized_seen = True
             return False
         chosen = torch.randint(len(latents), (len(codebook),), device=latents.device)
         # Copies of one latent (K > N) would stay one point: a codeword's update is the mean of its cell, and equal
@@ -90,9 +83,9 @@ class SemiDiscreteTransport(torch.nn.Module):
         jitter = _INIT_JITTER * latents.std(dim=0, keepdim=True) * torch.randn(len(codebook), latents.shape[1],
                                                                                 device=latents.device)
         codebook.copy_((latents[chosen] + jitter).to(codebook.dtype))
-        if _world_size() > 1:
-            dist.broadcast(codebook, src=0)
+        broadcast_from_first(codebook)
         self.initialized.fill_(True)
+        self._initialized_seen = True
         return True
 
     def forward(self, latents: torch.Tensor, codebook: torch.Tensor, weights: torch.Tensor, costs: torch.Tensor,
@@ -120,7 +113,7 @@ class SemiDiscreteTransport(torch.nn.Module):
     def _ascend(self, assignment: torch.Tensor, margin: torch.Tensor, weights: torch.Tensor) -> None:
         K = len(weights)
         counts = torch.bincount(assignment, minlength=K).to(weights.dtype)
-        totals = _all_reduce_sum(torch.cat([counts, torch.stack([margin.to(weights.dtype),
+        totals = all_reduce(torch.cat([counts, torch.stack([margin.to(weights.dtype),
                                                                  weights.new_tensor(len(assignment))])]))
         loads, scale = totals[:K] / totals[K + 1], totals[K] / totals[K + 1]
         self.idle_steps.add_(1).masked_fill_(totals[:K] > 0, 0)
@@ -146,15 +139,14 @@ class SemiDiscreteTransport(torch.nn.Module):
         potential of the codeword that latent was sent to, so it wins that latent's neighbourhood at the next step.
         Every process takes process 0's draw, so the codebooks stay equal.
         """
-        patience = max(1, round(len(self.potentials) / (len(latents) * _world_size())))
+        patience = max(1, round(len(self.potentials) / (len(latents) * world_size())))
         idle = (self.idle_steps >= patience).nonzero()[:, 0]
         if len(idle) == 0:
             return
         chosen = torch.multinomial(latent_costs.float().clamp_min(1e-12), len(idle), replacement=True)
         moved = torch.cat([latents[chosen].to(codebook.dtype),
                            self.potentials[assignment[chosen]][:, None].to(codebook.dtype)], dim=1)
-        if _world_size() > 1:
-            dist.broadcast(moved, src=0)
+        broadcast_from_first(moved)
         codebook[idle] = moved[:, :-1]
         self.potentials[idle] = moved[:, -1].to(self.potentials.dtype)
         self.idle_steps[idle] = 0

@@ -18,8 +18,8 @@ What keeps the cost near-linear in K x B (``make bench`` has the figures):
   one whole codeword; the true (learned) masses then only need corrections. With the true masses from the start,
   fractional leftovers multiply the paths.
 - Each edge keeps its cheapest and its second-cheapest move. A codeword that leaves a latent passes its moves to
-  the runner-up; only a move whose runner-up is unknown is recomputed, from one cost row over that latent's
-  codewords, so that a path does not cost O(K).
+  the runner-up; only a move whose runner-up is unknown is recomputed over that latent's codewords, so that a path
+  does not cost O(K).
 - Work arrays are allocated once per run of problems and cleared only where a problem wrote (large allocations
   per problem cost page faults that threads contend for), and float32 costs stay float32.
 - The plan leaves the solver compactly (one latent and mass per codeword, plus the few split codewords), and the
@@ -58,6 +58,10 @@ _MAX_SWEEPS = 4
 # Coarse-to-fine start (``_coarse_start``): subsample strides grow by this factor while every latent still gets at
 # least _COARSEST codewords.
 _COARSE_FACTOR, _COARSEST = 8, 8
+# ``_smallest``: up to this many candidates, the quadratic count instead of a selection.
+_FEW_CANDIDATES = 256
+# ``_withdraw_moves``: a whole row of moves is recomputed once at least 1 / _WHOLE_ROW_SHARE of its targets need it.
+_WHOLE_ROW_SHARE = 8
 
 
 @njit(cache=True, nogil=True)
@@ -111,15 +115,25 @@ def _below_group_bound(values, n, m, out, group_min):
 @njit(cache=True, nogil=True)
 def _smallest(values, m, buf):
     """The m-th smallest of values (1 <= m <= len(values)); buf: work space of 3 * len(values). Two rounds of
-    group bounds (branch-free, vectorized) leave a few times m candidates, and a selection (linear time) picks the
-    answer among them."""
+    group bounds (branch-free, vectorized) leave a few times m candidates, and a selection picks the answer among
+    them: linear-time for many candidates, and for a few (short lists, K / B small) a count of the candidates below
+    each, quadratic but branch-free, which beats the selection's copy and branches there."""
     n = values.shape[0]
     first = buf[:n]
     second = buf[n : 2 * n]
     group_min = buf[2 * n :]
     c = _below_group_bound(values, n, m, first, group_min)
     c = _below_group_bound(first, c, m, second, group_min)
-    return np.partition(second[:c], m - 1)[m - 1]
+    if c > _FEW_CANDIDATES:
+        return np.partition(second[:c], m - 1)[m - 1]
+    result = -INF
+    for x in range(c):
+        t = second[x]
+        below = 0
+        for y in range(c):
+            below += second[y] < t
+        result = max(result, t if below < m else -INF)
+    return result
 
 
 @njit(cache=True, nogil=True)
@@ -265,13 +279,47 @@ def _offer_moves(move, move_code, i, C, k, qk):
         move_code[0, i, l] = k if lo else c1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _cheapest_two_to(l, i, C, codes, code_pot, count):
+    """The cheapest and second-cheapest move of one of latent i's codewords (codes[i, :count]) to latent l:
+    (value, codeword) of each."""
+    b1 = INF
+    b2 = INF
+    c1 = -1
+    c2 = -1
+    for s in range(count):
+        kk = codes[i, s]
+        v = C[kk, l] - code_pot[i, s]
+        lo = v < b1
+        mid = v < b2
+        b2 = b1 if lo else (v if mid else b2)
+        c2 = c1 if lo else (kk if mid else c2)
+        b1 = v if lo else b1
+        c1 = kk if lo else c1
+    return b1, c1, b2, c2
+
+
 @njit(cache=True, nogil=True)
-def _withdraw_moves(move, move_code, i, CT, k, codes, code_pot, count):
+def _withdraw_moves(move, move_code, i, C, k, codes, code_pot, count):
     """Codeword k has left latent i (whose list is codes[i, :count]): where it held the cheapest move i -> l, the
     runner-up takes its place; a runner-up that leaves, or is promoted, leaves its place unknown (-inf, which
-    ``_offer_moves`` fills only with the old first). Only a move whose runner-up is unknown is recomputed, from
-    that target's cost row CT[l] over latent i's list."""
-    for l in range(move.shape[2]):
+    ``_offer_moves`` fills only with the old first). A move whose runner-up is unknown is recomputed over latent i's
+    list: target by target (a gather per codeword) when few are, else latent i's whole row of moves at once, one
+    contiguous cost row C[kk] per codeword (as fast per entry as the gathers are slow: short lists, K / B small)."""
+    B = move.shape[2]
+    unknown = 0
+    for l in range(B):
+        unknown += (move_code[0, i, l] == k) & (move_code[1, i, l] < 0)
+    if unknown * _WHOLE_ROW_SHARE >= B:
+        for l in range(B):
+            move[0, i, l] = INF
+            move[1, i, l] = INF
+            move_code[0, i, l] = -1
+            move_code[1, i, l] = -1
+        for s in range(count):
+            _offer_moves(move, move_code, i, C, codes[i, s], code_pot[i, s])
+        return
+    for l in range(B):
         first = move_code[0, i, l] == k
         second = move_code[1, i, l] == k
         if not (first or second):
@@ -283,24 +331,8 @@ def _withdraw_moves(move, move_code, i, CT, k, codes, code_pot, count):
             move[1, i, l] = -INF
             move_code[1, i, l] = -1
             continue
-        b1 = INF
-        b2 = INF
-        c1 = -1
-        c2 = -1
-        row = CT[l]
-        for s in range(count):
-            kk = codes[i, s]
-            v = row[kk] - code_pot[i, s]
-            lo = v < b1
-            mid = v < b2
-            b2 = b1 if lo else (v if mid else b2)
-            c2 = c1 if lo else (kk if mid else c2)
-            b1 = v if lo else b1
-            c1 = kk if lo else c1
-        move[0, i, l] = b1
-        move[1, i, l] = b2
-        move_code[0, i, l] = c1
-        move_code[1, i, l] = c2
+        move[0, i, l], move_code[0, i, l], move[1, i, l], move_code[1, i, l] = _cheapest_two_to(
+            l, i, C, codes, code_pot, count)
 
 
 @njit(cache=True, nogil=True)
@@ -419,7 +451,7 @@ def _shortest_paths(state, mass_tol, max_augmentations):
     """Successive shortest paths until every latent balances within mass_tol; returns (status, augmentations). Each
     path runs from the overloaded latents to the nearest underloaded one (Dijkstra over the edges' cheapest moves)
     and moves as much mass as its hops and ends allow."""
-    C, CT, X, p, excess, offset = state.C, state.CT, state.X, state.p, state.excess, state.offset
+    C, X, p, excess, offset = state.C, state.X, state.p, state.excess, state.offset
     codes, code_pot, count, slot, move, move_code = (state.codes, state.code_pot, state.count, state.slot, state.move,
                                                      state.move_code)
     B = p.shape[0]
@@ -464,7 +496,7 @@ def _shortest_paths(state, mass_tol, max_augmentations):
                 excess[j] += rest
                 X[i, k] = 0.0
                 c = _leave_list(codes, code_pot, count, slot, i, k)
-                _withdraw_moves(move, move_code, i, CT, k, codes, code_pot, c)
+                _withdraw_moves(move, move_code, i, C, k, codes, code_pot, c)
             else:
                 X[i, k] = rest
         excess[target] = 0.0 if delta >= -excess[target] else excess[target] + delta

@@ -23,11 +23,31 @@ def one_line_error(proc, fragment):
     assert "Traceback" not in proc.stderr
 
 
+def in_process_error(main, argv, capsys, fragment):
+    """`main(argv)` run as its job's command line runs it (configio.cli.run_cli), in this process: exit status 2 and
+    one last line naming the problem. For settings errors, where a subprocess would only add its start-up."""
+    import pytest
+
+    from configio.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(list(map(str, argv))))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], lines[-3:]
+    assert "Traceback" not in err
+
+
 # A tiny run: tokenizer, codes and prior in about half a minute on 2 CPU cores.
 TINY_TOKENIZER_ARGS = ["data.limit=96", "train.batch_size=16", "quantizer.codebook_size=32", "network.hidden_channels=16",
                        "network.residual_channels=4", "train.max_steps=6", "train.eval_every=6", "train.eval_batch_size=96"]
 TINY_PRIOR_ARGS = ["prior.num_layers=1", "prior.hidden_size=32", "prior.num_heads=2", "train.batch_size=16",
                    "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6"]
+# Smaller still, a tokenizer alone (evaluation, compare, sweep): a few seconds.
+MINI_TOKENIZER_ARGS = ["data.limit=48", "train.batch_size=16", "quantizer.codebook_size=16", "network.hidden_channels=8",
+                       "network.residual_channels=4", "train.max_steps=3", "train.eval_every=3", "train.eval_batch_size=48"]
+TINY_SAMPLE_ARGS = ["num_samples=8", "batch_size=4", "fid_reference_images=16", "fid_batch_size=8"]
 
 
 def train_tiny_run(run, data_root):

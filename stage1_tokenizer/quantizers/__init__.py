@@ -38,51 +38,61 @@ _SHARED: list[tuple[str, Any, Any]] = [
 ]
 
 
-def _validate(self) -> None:
-    if self.codebook_size < 2:
-        raise ConfigError(f"quantizer.codebook_size must be at least 2, got {self.codebook_size}")
-    if self.beta is not None and self.beta < 0:
-        raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
-    spec = SPECS[self.name]
-    if self.rotation_trick and "rotation_trick" not in spec.shared:
-        users = ", ".join(s.name for s in ordered_specs() if "rotation_trick" in s.shared)
-        raise ConfigError(f"quantizer.rotation_trick applies to {users}, not to {self.name}; remove it")
-    for other in SPECS.values():
-        for setting in other.settings:
-            setting.check(getattr(self, setting.name))
-    if spec.check is not None:
-        spec.check(self)
-
-
-def _resolved_beta(self) -> float:
-    """quantizer.beta, or the chosen quantizer's own default when it is unset."""
-    if self.beta is not None:
-        return self.beta
-    default = SPECS[self.name].default_beta
-    return 0.0 if default is None else default
-
-
 def _field(setting: Setting):
     if setting.default_factory is not None:
         return dataclasses.field(default_factory=setting.default_factory)
     return dataclasses.field(default=setting.default)
 
 
-QuantizerConfig = dataclasses.make_dataclass(
-    "QuantizerConfig",
+# The fields, from the shared settings above and each registered quantizer's own (their types, defaults and checks
+# stay in the quantizer's module, one place per setting).
+_QuantizerFields = dataclasses.make_dataclass(
+    "_QuantizerFields",
     [(name, kind, dataclasses.field(default=default)) for name, kind, default in _SHARED]
     + [(s.name, s.type, _field(s)) for spec in ordered_specs() for s in spec.settings],
-    namespace={"validate": _validate, "resolved_beta": property(_resolved_beta),
-               "spec": property(lambda self: SPECS[self.name])},
 )
-QuantizerConfig.__module__ = __name__
-QuantizerConfig.__doc__ = "The quantizer's settings: the shared ones and every registered quantizer's own."
+
+
+@dataclasses.dataclass
+class QuantizerConfig(_QuantizerFields):
+    """The quantizer's settings (`quantizer.<key>`): the shared ones (`_SHARED`) and every registered quantizer's own
+    (`QuantizerSpec.settings` in its module). Checked once, when a config is built (`validate`)."""
+
+    def validate(self) -> None:
+        if self.codebook_size < 2:
+            raise ConfigError(f"quantizer.codebook_size must be at least 2, got {self.codebook_size}")
+        if self.beta is not None and self.beta < 0:
+            raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
+        spec = SPECS[self.name]
+        if self.rotation_trick and "rotation_trick" not in spec.shared:
+            users = ", ".join(s.name for s in ordered_specs() if "rotation_trick" in s.shared)
+            raise ConfigError(f"quantizer.rotation_trick applies to {users}, not to {self.name}; remove it")
+        for other in SPECS.values():
+            for setting in other.settings:
+                setting.check(getattr(self, setting.name))
+        if spec.check is not None:
+            spec.check(self)
+        self.__dict__["_validated_values"] = dataclasses.astuple(self)  # see build_quantizer
+
+    @property
+    def resolved_beta(self) -> float:
+        """quantizer.beta, or the chosen quantizer's own default when it is unset."""
+        if self.beta is not None:
+            return self.beta
+        default = SPECS[self.name].default_beta
+        return 0.0 if default is None else default
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        return SPECS[self.name]
 
 
 def build_quantizer(cfg, embedding_dim: int, num_positions: int, data_dim: int | None = None) -> nn.Module:
     """The quantizer `cfg` names. `data_dim` (channels x height x width of an image) is needed by sqvae only."""
-    # A QuantizerConfig built in code has not been through from_dict: check it before a quantizer exists.
-    cfg.validate()
+    # A QuantizerConfig built or changed in code has not been through from_dict's check: check it before a quantizer
+    # exists. One that has, with the same values, is not checked again (a job builds its quantizer more than once).
+    if cfg.__dict__.get("_validated_values") != dataclasses.astuple(cfg):
+        cfg.validate()
     if cfg.name == "sqvae" and data_dim is None:
         raise ValueError("the sqvae quantizer needs data_dim (pixels per image) to weight its ELBO terms")
     return SPECS[cfg.name].build(cfg, embedding_dim, num_positions, data_dim)

@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_reduce, broadcast_from_first, world_size
 from .base import (
     Quantizer,
     QuantizerInterface,
@@ -70,16 +71,6 @@ _LOG_KERNEL_CUTOFF = -87.0
 _TRUNCATION_TOLERANCE = 1e-6
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
-
-
 def normalised_cost(distances: torch.Tensor) -> torch.Tensor:
     """OptVQ's cost: the (N, K) distances standardised over the whole matrix, then shifted to a minimum of 0."""
     cost = (distances - distances.mean()) / (distances.std() + 1e-6)
@@ -96,23 +87,23 @@ def sinkhorn_potentials(cost: torch.Tensor, epsilon: float, iterations: int,
     form unless its truncation error could pass 1e-6 of a mass, True/False forces one (the tests check both
     against POT)."""
     cost = cost.float()
-    n_total = float(_all_reduce(torch.tensor(float(cost.shape[0]), device=cost.device)))
+    n_total = float(all_reduce(torch.tensor(float(cost.shape[0]), device=cost.device)))
     k = cost.shape[1]
     logits = cost * -epsilon
     if not log_domain:
         # Divide each code's column by its largest entry over all tokens: no column is all zeros, and the first code
         # normalisation absorbs the shift exactly (the tokens start uniform, as in theirs).
-        shift = _all_reduce(logits.amax(dim=0), dist.ReduceOp.MAX)
+        shift = all_reduce(logits.amax(dim=0), dist.ReduceOp.MAX)
         kernel = F.threshold(logits - shift, _LOG_KERNEL_CUTOFF, -math.inf).exp_()
         u = torch.ones(cost.shape[0], device=cost.device)
         cutoff = math.exp(_LOG_KERNEL_CUTOFF)
         for _ in range(iterations):
-            code_mass = _all_reduce(kernel.t() @ u)
+            code_mass = all_reduce(kernel.t() @ u)
             v = (1.0 / k) / code_mass
             token_mass = kernel @ v
             if log_domain is None:
-                error = torch.stack([_all_reduce(u.sum()) / code_mass.min(), v.sum() / token_mass.min()]) * cutoff
-                if bool(_all_reduce(error.max(), dist.ReduceOp.MAX) > _TRUNCATION_TOLERANCE):
+                error = torch.stack([all_reduce(u.sum()) / code_mass.min(), v.sum() / token_mass.min()]) * cutoff
+                if bool(all_reduce(error.max(), dist.ReduceOp.MAX) > _TRUNCATION_TOLERANCE):
                     break
             u = (1.0 / n_total) / token_mass
         else:
@@ -129,11 +120,11 @@ def sinkhorn_potentials(cost: torch.Tensor, epsilon: float, iterations: int,
 def _global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """logsumexp over `dim` across the rows of every process."""
     local = torch.logsumexp(x, dim=dim)
-    if not _distributed():
+    if world_size() == 1:
         return local
-    peak = _all_reduce(local.clone(), dist.ReduceOp.MAX)
+    peak = all_reduce(local.clone(), dist.ReduceOp.MAX)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    return torch.log(_all_reduce(torch.exp(local - peak))) + peak
+    return torch.log(all_reduce(torch.exp(local - peak))) + peak
 
 
 def transport_plan(cost: torch.Tensor, epsilon: float, iterations: int, log_domain: bool | None = None) -> torch.Tensor:
@@ -208,8 +199,7 @@ class OptVQQuantizer(QuantizerInterface):
     def initialise(self, flat: torch.Tensor) -> None:
         """k-means of these latents into the codebook (process 0's, broadcast), the projection set to the identity."""
         centroids = kmeans(flat, self.codebook_size)
-        if _distributed():
-            dist.broadcast(centroids, src=0)
+        broadcast_from_first(centroids)
         self.embedding.copy_(centroids)
         if self.projection is not None:
             self.projection.weight.copy_(torch.eye(self.embedding_dim))

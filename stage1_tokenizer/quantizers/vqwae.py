@@ -27,6 +27,7 @@ from torch import nn
 
 from configio.errors import ConfigError
 
+from ..distributed import world_size
 from ..semidiscrete import SemiDiscreteTransport
 from ..transport import transport_costs, wasserstein_loss
 from .base import Quantizer, QuantizerOutput, code_perplexity, perplexity
@@ -100,13 +101,12 @@ class VQWAEQuantizer(Quantizer):
     def _gather(self, latents: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Global-batch scope: (latents of all processes, this process's weight rows, loss scale); see the module."""
         if not (
-            self.transport_scope == "global_batch" and self.training and torch.is_grad_enabled()
-            and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            self.transport_scope == "global_batch" and self.training and torch.is_grad_enabled() and world_size() > 1
         ):
             return latents, weights, 1.0
         from torch.distributed.nn.functional import all_gather
 
-        world, rank = dist.get_world_size(), dist.get_rank()
+        world, rank = world_size(), dist.get_rank()
         latents = torch.cat(all_gather(latents.contiguous()), dim=1)
         if latents.shape[0] < world:
             return latents, weights, 1.0
@@ -125,7 +125,8 @@ class VQWAEQuantizer(Quantizer):
         # are every latent's squared distances to the codebook: the nearest codewords come from them too, so the
         # step computes one (positions * batch, K) distance matrix, not two.
         latents = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
-        if self.semidiscrete is not None and self.training and torch.is_grad_enabled():
+        training_step = self.training and torch.is_grad_enabled()
+        if self.semidiscrete is not None and training_step:
             self.semidiscrete.initialize_codebook(self.codebook.data, latents.detach().reshape(-1, d))
         codebook = self.codebook.float()
         costs = transport_costs(codebook, latents)
@@ -149,7 +150,6 @@ class VQWAEQuantizer(Quantizer):
         if self.semidiscrete is not None:
             # One problem over all positions' latents, weighted by the number of positions so that each latent's
             # gradient is the one the per-position form gives it (mass 1/B at its position, 1/(M B) here).
-            training_step = self.training and torch.is_grad_enabled()
             transport = h * w * self.semidiscrete(latents[0], codebook, weights[0], costs[0],
                                                   codebook_storage=self.codebook.data if training_step else None)
         else:

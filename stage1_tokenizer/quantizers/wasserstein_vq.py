@@ -41,9 +41,9 @@ What their code does, read in VQ-Research/Wasserstein-VQ `code/VQVAE/model/wasse
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..distributed import gather_rows
 from .base import Quantizer, QuantizerOutput, code_perplexity
 from .registry import QuantizerSpec, Setting, register
 
@@ -53,20 +53,6 @@ CODEBOOK_INIT_STD = 0.01  # theirs: embedding.weight.normal_(0, 0.01)
 _SQRT_JITTER = 1e-12
 # Eigenvalues of R S_c R below this are rounding noise of a rank-deficient codebook covariance: counted as 0, no gradient.
 _EIGENVALUE_FLOOR = 1e-18
-
-
-def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """The rows of every process, in process order (sizes may differ); this process's rows alone when single."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return rows
-    sizes = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor(rows.shape[0], device=rows.device))
-    longest = int(max(sizes))
-    padded = torch.zeros(longest, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-    padded[: rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
 
 
 def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
@@ -116,7 +102,7 @@ class WassersteinVQQuantizer(Quantizer):
     @torch.no_grad()
     def enqueue(self, rows: torch.Tensor) -> None:
         """Write these latents (and every other process's) over the oldest ones."""
-        rows = _gather_rows(rows.detach().float())[-self.queue_size:]
+        rows = gather_rows(rows.detach().float())[-self.queue_size:]
         n = rows.shape[0]
         slots = (int(self.queue_next) + torch.arange(n, device=rows.device)) % self.queue_size
         self.queue[slots] = rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_PRIOR_ARGS, TINY_TOKENIZER_ARGS, job, one_line_error, train_tiny_run
+from helpers import TINY_PRIOR_ARGS, TINY_SAMPLE_ARGS, TINY_TOKENIZER_ARGS, in_process_error, job, one_line_error
 
 from pipelines.datasets import DataConfig, build_splits
 from pipelines.runs import load_codes
@@ -21,12 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_ARGS, PRIOR_ARGS = TINY_TOKENIZER_ARGS, TINY_PRIOR_ARGS
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, data_root):
-    run = train_tiny_run(tmp_path_factory.mktemp("chain"), data_root)
-    job("pipelines.sample", "--tokenizer", run / "tokenizer", "--prior", run / "prior", "--output", run / "samples",
-        "num_samples=8", "batch_size=4", "fid_reference_images=16", "fid_batch_size=8")
-    return run
+@pytest.fixture
+def chain(tiny_run):
+    return tiny_run
 
 
 def test_every_artifact(chain):
@@ -65,10 +62,11 @@ def test_codes_round_trip_and_reuse(chain, data_root):
     ("temperature=-1", "temperature must be > 0"),
     ("label=12", "label=12 is not a class"),
 ])
-def test_bad_sampling_settings(chain, tmp_path, setting, fragment):
-    proc = job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
-               tmp_path / "s", "num_samples=2", setting, check=False)
-    one_line_error(proc, fragment)
+def test_bad_sampling_settings(chain, tmp_path, capsys, setting, fragment):
+    from pipelines import sample
+
+    in_process_error(sample.main, ["--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+                                   tmp_path / "s", "num_samples=2", setting], capsys, fragment)
     assert not (tmp_path / "s" / "images").exists()
 
 
@@ -115,7 +113,6 @@ def test_prior_trains_in_two_processes(chain, tmp_path):
 
 # ------------------------------------------------------------------ the run-folder rule, job by job
 
-SAMPLE_ARGS = ["num_samples=8", "batch_size=4", "fid_reference_images=16", "fid_batch_size=8"]
 
 
 def test_the_same_settings_do_nothing_in_every_step(chain, data_root):
@@ -125,7 +122,7 @@ def test_the_same_settings_do_nothing_in_every_step(chain, data_root):
            job("pipelines.train_prior", "--codes", chain / "codes", "--output", chain / "prior", "--config",
                "configs/prior.yaml", *PRIOR_ARGS),
            job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
-               chain / "samples", *SAMPLE_ARGS)]
+               chain / "samples", *TINY_SAMPLE_ARGS)]
     assert all("nothing to do" in proc.stdout or "reused: train, val, test" in proc.stdout for proc in out)
     after = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != ".lock"}
     assert after == before
@@ -140,13 +137,14 @@ def test_changed_data_settings_redo_the_codes_and_keep_the_old_ones(chain, tmp_p
     assert torch.equal(load_codes(previous / "test.safetensors").codes, first)
 
 
-def test_no_job_writes_into_another_jobs_folder(chain):
+def test_no_job_writes_into_another_jobs_folder(chain, capsys):
+    from pipelines import extract_codes, sample
+
     before = (chain / "prior" / "metrics.json").read_bytes()
-    proc = job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
-               chain / "prior", "num_samples=2", check=False)
-    one_line_error(proc, "overlaps the input")
-    proc = job("pipelines.extract_codes", "--tokenizer", chain / "tokenizer", "--output", chain / "prior", check=False)
-    one_line_error(proc, "output of train_prior")
+    in_process_error(sample.main, ["--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+                                   chain / "prior", "num_samples=2"], capsys, "overlaps the input")
+    in_process_error(extract_codes.main, ["--tokenizer", chain / "tokenizer", "--output", chain / "prior"], capsys,
+                     "output of train_prior")
     assert (chain / "prior" / "metrics.json").read_bytes() == before
 
 
@@ -161,10 +159,12 @@ def test_a_changed_prior_setting_retrains_and_keeps_the_old_prior(chain, tmp_pat
     assert (previous / "model.safetensors").read_bytes() == old
 
 
-def test_evaluate_refuses_an_empty_samples_folder(chain, tmp_path):
+def test_evaluate_refuses_an_empty_samples_folder(chain, tmp_path, capsys):
+    from pipelines import evaluate
+
     (tmp_path / "empty").mkdir()
-    proc = job("pipelines.evaluate", "--run", chain, f"samples={tmp_path / 'empty'}", "num_images=8", check=False)
-    one_line_error(proc, "fewer than 2 images")
+    in_process_error(evaluate.main, ["--run", chain, f"samples={tmp_path / 'empty'}", "num_images=8"], capsys,
+                     "fewer than 2 images")
 
 
 def _killed_then_resumed(command, output, finished, check_partial, seed):
@@ -206,7 +206,7 @@ def test_sample_killed_resumes_to_the_same_images(chain, tmp_path, seed):
         assert len(list((out / "images").glob("*.png"))) == 8 and json.loads((out / "metrics.json").read_text())["fid"]
 
     _killed_then_resumed(["pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
-                          out, *SAMPLE_ARGS], out, "metrics.json", complete, seed)
+                          out, *TINY_SAMPLE_ARGS], out, "metrics.json", complete, seed)
     for image in (chain / "samples" / "images").glob("*.png"):
         assert (out / "images" / image.name).read_bytes() == image.read_bytes()
     ours, theirs = (json.loads((d / "metrics.json").read_text())["fid"]["fid"] for d in (out, chain / "samples"))
@@ -249,8 +249,9 @@ def test_sampling_at_extreme_temperature_and_guidance_draws_codes(chain, tmp_pat
 
 
 @pytest.mark.parametrize("settings", [["num_samples=1e12"], ["num_samples=1000000", "batch_size=1000000"]])
-def test_sampling_sizes_that_cannot_fit_are_refused_before_sampling(chain, tmp_path, settings):
-    proc = job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
-               tmp_path / "s", "fid=false", *settings, check=False)
-    one_line_error(proc, "does not fit in memory")
+def test_sampling_sizes_that_cannot_fit_are_refused_before_sampling(chain, tmp_path, capsys, settings):
+    from pipelines import sample
+
+    in_process_error(sample.main, ["--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output",
+                                   tmp_path / "s", "fid=false", *settings], capsys, "does not fit in memory")
     assert not (tmp_path / "s").exists()

@@ -12,18 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import job, one_line_error, train_tiny_run
+from helpers import job, one_line_error
 from PIL import Image
 
 gradio = pytest.importorskip("gradio", reason="the demo extra is not installed (make demo / make test install it)")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from pipelines import demo as demo_job  # noqa: E402
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_root):
-    return train_tiny_run(tmp_path_factory.mktemp("demo_run"), data_root)
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from helpers import ROOT, TINY_PRIOR_ARGS, TINY_TOKENIZER_ARGS, fail_writes, train_tiny_run, write_code_set
+from helpers import ROOT, TINY_PRIOR_ARGS, TINY_TOKENIZER_ARGS, fail_writes, write_code_set
 
 from configio.cli import STOPPED_AT_ONCE, run_cli
 from pipelines import evaluate, extract_codes, sample, train_prior, train_tokenizer
@@ -26,11 +26,6 @@ from pipelines.runs import load_codes
 from stage2_prior.model import CodePrior
 
 NO_SPACE = "No space left on device; free space on that disk or choose another output"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_root):
-    return train_tiny_run(tmp_path_factory.mktemp("faults"), data_root)
 
 
 def ends_in_one_error_line(capsys, main, argv, named):

@@ -82,7 +82,8 @@ def test_incidental_settings_are_declared_on_the_settings_themselves():
     from dataclasses import dataclass, field
 
     from configio.config import incidental, incidental_settings
-    from pipelines.settings import EvalConfig, TokenizerJobConfig
+    from eval.report import EvalConfig
+    from pipelines.settings import TokenizerJobConfig
 
     @dataclass
     class Section:

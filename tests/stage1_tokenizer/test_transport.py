@@ -1,5 +1,7 @@
 """Exactness of the batched OT loss against a naive per-position loop of POT's ot.emd2 (torch backend)."""
 
+from pathlib import Path
+
 import numpy as np
 import ot
 import pytest
@@ -406,3 +408,15 @@ def test_random_problems_match_pot(seed):
             primal = torch.stack([ot.emd2(w[m].detach(), torch.full((B,), 1.0 / B, dtype=z.dtype), cost[m])
                                   for m in range(2)])
             assert float((dual - primal).abs().max()) <= 1e-9 * max(1.0, float(cost.max())), case
+
+
+def test_every_solver_function_reads_in_one_screen():
+    """The solver stays changeable: no function over 80 lines or with more than 8 positional parameters."""
+    import ast
+
+    for module in ("shortest_path_solver.py", "transport.py"):
+        tree = ast.parse((Path(__file__).resolve().parents[2] / "stage1_tokenizer" / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                lines, positional = node.end_lineno - node.lineno + 1, len(node.args.posonlyargs) + len(node.args.args)
+                assert lines <= 80 and positional <= 8, f"{module}: {node.name} has {lines} lines, {positional} parameters"
