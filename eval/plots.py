@@ -5,7 +5,6 @@ import io
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from configio.files import atomic_write_bytes
 
@@ -20,6 +19,10 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
 
 
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    # torchvision is imported where a picture is made: `import torchvision` loads its models and torch's compiler
+    # (over a second), which a job that finds nothing to do, or stops on a bad setting, should not wait for.
+    from torchvision.utils import make_grid, save_image
+
     buffer = io.BytesIO()
     save_image(make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0), buffer, format="png")
     atomic_write_bytes(Path(path), buffer.getvalue())
@@ -57,6 +60,8 @@ def save_sample_panels(panels: dict[str, torch.Tensor], path: Path, row_names: l
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from torchvision.utils import make_grid
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, images) in zip(axes[0], panels.items()):

@@ -70,13 +70,14 @@ def test_bad_sampling_settings(chain, tmp_path, capsys, setting, fragment):
     assert not (tmp_path / "s" / "images").exists()
 
 
-def test_prior_paired_with_another_tokenizer(chain, tmp_path, data_root):
+def test_prior_paired_with_another_tokenizer(chain, tmp_path, data_root, capsys):
+    from pipelines import sample, train_tokenizer
+
     other = tmp_path / "other"
-    job("pipelines.train_tokenizer", "--output", other, f"data.root={data_root}", *TOKENIZER_ARGS,
-        "quantizer.codebook_size=16", "train.max_steps=1", "train.eval_every=1")
-    proc = job("pipelines.sample", "--tokenizer", other, "--prior", chain / "prior", "--output", tmp_path / "s",
-               "num_samples=2", check=False)
-    one_line_error(proc, "pair a prior with the tokenizer")
+    train_tokenizer.main(["--output", str(other), f"data.root={data_root}", *TOKENIZER_ARGS,
+                          "quantizer.codebook_size=16", "train.max_steps=1", "train.eval_every=1"])
+    in_process_error(sample.main, ["--tokenizer", other, "--prior", chain / "prior", "--output", tmp_path / "s",
+                                   "num_samples=2"], capsys, "pair a prior with the tokenizer")
 
 
 def test_interrupted_sampling_leaves_no_scored_partial_set(chain, tmp_path, monkeypatch):
@@ -243,8 +244,10 @@ def test_two_trainings_into_one_folder_the_second_stops_at_once(tmp_path, data_r
 
 
 def test_sampling_at_extreme_temperature_and_guidance_draws_codes(chain, tmp_path):
-    job("pipelines.sample", "--tokenizer", chain / "tokenizer", "--prior", chain / "prior", "--output", tmp_path / "s",
-        "num_samples=4", "fid=false", "temperature=1e-300", "guidance_scale=1e300")
+    from pipelines import sample
+
+    sample.main(["--tokenizer", str(chain / "tokenizer"), "--prior", str(chain / "prior"), "--output", str(tmp_path / "s"),
+                 "num_samples=4", "fid=false", "temperature=1e-300", "guidance_scale=1e300"])
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 4
 
 
