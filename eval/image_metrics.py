@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-# torchmetrics is imported where a metric is computed: importing it loads every metric it has (seconds), which a job
-# that only reads or writes images, or finds nothing to do, should not wait for.
+# torchmetrics is imported where a metric is computed: importing it loads every metric it has, which a job that only
+# reads or writes images, or finds nothing to do, should not wait for.
 
 
 def psnr_per_image(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
 
 
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    # torchvision is imported where a picture is made: `import torchvision` loads its models and torch's compiler
-    # (over a second), which a job that finds nothing to do, or stops on a bad setting, should not wait for.
+    # torchvision is imported where a picture is made: `import torchvision` loads its models and torch's compiler,
+    # which a job that finds nothing to do, or stops on a bad setting, should not wait for.
     from torchvision.utils import make_grid, save_image
 
     buffer = io.BytesIO()

@@ -348,8 +348,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 class PictureFiles:
     """The page's pictures as PNG files named by their content, each written whole (a temporary name, then a rename)
     and never rewritten. Why: Gradio saves a returned array into its cache in place, at a path named by the content,
-    so two requests with the same picture rewrite a file while the first user is still downloading it (one of 32
-    users at once received 0 bytes of 548). A file path it copies atomically instead. The folder goes with this
+    so a second request with the same picture rewrites the file while an earlier user may still be downloading it
+    (who then receives an empty picture). A file path it copies atomically instead. The folder goes with this
     object, which the page's callbacks hold."""
 
     def __init__(self):

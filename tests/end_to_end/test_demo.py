@@ -251,7 +251,7 @@ def test_a_bad_port_is_one_line(tiny_run):
 
 def test_a_picture_handed_to_the_page_is_never_rewritten():
     """Gradio rewrites an array's cache file in place when a later request returns the same picture, so a user still
-    downloading it got 0 bytes (once in 32 users at once, in CI); the page's pictures are files written whole once."""
+    downloading it can receive an empty file; the page's pictures are files written whole, once."""
     pictures = demo_job.PictureFiles()
     picture_array = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     first = Path(pictures.path_of(picture_array))
