@@ -69,6 +69,10 @@ class SemiDiscreteTransport(torch.nn.Module):
         # Whether `initialized` was seen True: reading the buffer is a device sync, paid once rather than every step.
         self._initialized_seen = False
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._initialized_seen = False  # the loaded `initialized` decides
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def initialize_codebook(self, codebook: torch.Tensor, latents: torch.Tensor) -> bool:
         """On the first training step, codewords drawn from the batch's latents (with repeats when K > N); True if

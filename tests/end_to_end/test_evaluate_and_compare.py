@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import MINI_TOKENIZER_ARGS, in_process_error, job, one_line_error, real_images
+from helpers import MINI_TOKENIZER_ARGS, in_process_error, job, real_images
 from PIL import Image
 
 from eval.image_metrics import psnr_per_image
@@ -123,8 +123,10 @@ def test_rfid_on_fewer_images_than_the_other_metrics(mini_run):
 
 # ---------------------------------------------------------------------------------------------- error paths
 
-def test_missing_run_folder_is_one_line_error(tmp_path):
-    one_line_error(job("pipelines.evaluate", "--run", tmp_path / "nope", check=False), "run folder")
+def test_missing_run_folder_is_one_line_error(tmp_path, capsys):
+    from pipelines import evaluate
+
+    in_process_error(evaluate.main, ["--run", tmp_path / "nope"], capsys, "run folder")
 
 
 def test_run_without_tokenizer_is_one_line_error(tmp_path, capsys):

@@ -148,3 +148,15 @@ def test_semidiscrete_needs_the_global_form():
 def test_auto_form_and_solver_follow_the_codebook_size(settings, form, solver):
     cfg = from_dict(QuantizerConfig, settings)
     assert (cfg.form, cfg.solver) == (form, solver)
+
+
+def test_a_loaded_uninitialised_state_initialises_the_codebook_again():
+    """The flag that spares a device sync per step follows a loaded state: an uninitialised one is initialised."""
+    from stage1_tokenizer.semidiscrete import SemiDiscreteTransport
+
+    transport = SemiDiscreteTransport(8, 0.1)
+    fresh = {key: value.clone() for key, value in transport.state_dict().items()}
+    codebook, latents = torch.zeros(8, 3), torch.randn(16, 3)
+    assert transport.initialize_codebook(codebook, latents) and not transport.initialize_codebook(codebook, latents)
+    transport.load_state_dict(fresh)
+    assert transport.initialize_codebook(codebook, latents)
