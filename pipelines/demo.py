@@ -363,9 +363,13 @@ class PictureFiles:
         path = self.folder / f"{hashlib.sha256(data).hexdigest()}.png"
         if not path.exists():
             staging = tempfile.NamedTemporaryFile(dir=self.folder, suffix=".partial", delete=False)
-            with staging:
-                staging.write(data)
-            os.replace(staging.name, path)
+            try:
+                with staging:
+                    staging.write(data)
+                os.replace(staging.name, path)
+            except BaseException:
+                Path(staging.name).unlink(missing_ok=True)
+                raise
         return str(path)
 
     def files_for(self, outputs: Any) -> Any:
@@ -389,7 +393,11 @@ def _shown(handler, pictures: PictureFiles | None = None):
             raise gr.Error(" ".join(str(err).split())) from None
         except MemoryError:
             raise gr.Error("out of memory for this request; ask for fewer images") from None
-        return pictures.files_for(outputs) if pictures is not None else outputs
+        try:
+            return pictures.files_for(outputs) if pictures is not None else outputs
+        except OSError as err:  # a full disk under the temporary folder: a message, and the server goes on
+            raise gr.Error(f"cannot write the picture for the page ({err.strerror or err}); free space under "
+                           f"{tempfile.gettempdir()}") from None
 
     call.__name__ = handler.__name__
     return call

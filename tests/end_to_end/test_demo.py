@@ -262,3 +262,18 @@ def test_a_picture_handed_to_the_page_is_never_rewritten():
     assert [p.name for p in pictures.folder.iterdir()] == [first.name]  # no partial file left beside it
     grid, codes, text = pictures.files_for((picture_array[..., 0], [[1, 2]], "text"))
     assert Path(grid).is_file() and codes == [[1, 2]] and text == "text"
+
+
+def test_a_full_disk_while_writing_a_picture_is_a_message(monkeypatch):
+    import errno
+
+    pictures = demo_job.PictureFiles()
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(demo_job.os, "replace", full_disk)
+    call = demo_job._shown(lambda: (np.zeros((4, 4, 3), np.uint8), "text"), pictures)
+    with pytest.raises(gradio.Error, match="No space left on device"):
+        call()
+    assert list(pictures.folder.iterdir()) == []  # no partial file left
