@@ -64,6 +64,16 @@ _FEW_CANDIDATES = 256
 _WHOLE_ROW_SHARE = 8
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _keep_two(v, code, b1, c1, b2, c2):
+    """(value, code) v, code offered to the two smallest (b1, c1) <= (b2, c2); returns the new two. Branch-free, so
+    the loops that call it vectorize."""
+    lo = v < b1
+    mid = v < b2
+    return ((v if lo else b1), (code if lo else c1),
+            (b1 if lo else (v if mid else b2)), (c1 if lo else (code if mid else c2)))
+
+
 @njit(cache=True, nogil=True)
 def _lower_two(row, pi, i, best1, best2, arg1, arg2):
     """Latent i's value row[k] - pi replaces its old one in every codeword's two smallest values (approximate:
@@ -80,12 +90,7 @@ def _lower_two(row, pi, i, best1, best2, arg1, arg2):
             b2 = INF
         elif a2 == i:
             b2 = INF
-        lo = v < b1
-        mid = v < b2
-        best2[k] = b1 if lo else (v if mid else b2)
-        arg2[k] = a1 if lo else (i if mid else a2)
-        best1[k] = v if lo else b1
-        arg1[k] = i if lo else a1
+        best1[k], arg1[k], best2[k], arg2[k] = _keep_two(v, i, b1, a1, b2, a2)
 
 
 @njit(cache=True, nogil=True)
@@ -266,17 +271,8 @@ def _offer_moves(move, move_code, i, C, k, qk):
     """Codeword k (potential qk, relative to latent i's offset) joins latent i's candidates for every move i -> l:
     move[0, i, l] / move_code[0, i, l] keep the cheapest, move[1] / move_code[1] the second cheapest (branch-free)."""
     for l in range(move.shape[2]):
-        v = C[k, l] - qk
-        b1 = move[0, i, l]
-        b2 = move[1, i, l]
-        c1 = move_code[0, i, l]
-        c2 = move_code[1, i, l]
-        lo = v < b1
-        mid = v < b2
-        move[1, i, l] = b1 if lo else (v if mid else b2)
-        move_code[1, i, l] = c1 if lo else (k if mid else c2)
-        move[0, i, l] = v if lo else b1
-        move_code[0, i, l] = k if lo else c1
+        move[0, i, l], move_code[0, i, l], move[1, i, l], move_code[1, i, l] = _keep_two(
+            C[k, l] - qk, k, move[0, i, l], move_code[0, i, l], move[1, i, l], move_code[1, i, l])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -289,13 +285,7 @@ def _cheapest_two_to(l, i, C, codes, code_pot, count):
     c2 = -1
     for s in range(count):
         kk = codes[i, s]
-        v = C[kk, l] - code_pot[i, s]
-        lo = v < b1
-        mid = v < b2
-        b2 = b1 if lo else (v if mid else b2)
-        c2 = c1 if lo else (kk if mid else c2)
-        b1 = v if lo else b1
-        c1 = kk if lo else c1
+        b1, c1, b2, c2 = _keep_two(C[kk, l] - code_pot[i, s], kk, b1, c1, b2, c2)
     return b1, c1, b2, c2
 
 

@@ -23,18 +23,20 @@ def one_line_error(proc, fragment):
     assert "Traceback" not in proc.stderr
 
 
-def in_process_error(main, argv, capsys, fragment):
+def in_process_error(main, argv, capsys, fragment, *, alone=False):
     """`main(argv)` run as its job's command line runs it (configio.cli.run_cli), in this process: exit status 2 and
-    one last line naming the problem. For settings errors, where a subprocess would only add its start-up."""
+    one last line naming the problem (with `alone`, the only line on stderr). For settings errors, where a
+    subprocess would only add its start-up."""
     import pytest
 
     from configio.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(list(map(str, argv))))
-    assert exit_info.value.code == 2
     err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
     lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert not alone or len(lines) == 1, lines
     assert lines[-1].startswith("error: ") and fragment in lines[-1], lines[-3:]
     assert "Traceback" not in err
 

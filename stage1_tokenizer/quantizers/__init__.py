@@ -63,7 +63,7 @@ class QuantizerConfig(_QuantizerFields):
             raise ConfigError(f"quantizer.codebook_size must be at least 2, got {self.codebook_size}")
         if self.beta is not None and self.beta < 0:
             raise ConfigError(f"quantizer.beta must be >= 0, got {self.beta}")
-        spec = SPECS[self.name]
+        spec = self.spec
         if self.rotation_trick and "rotation_trick" not in spec.shared:
             users = ", ".join(s.name for s in ordered_specs() if "rotation_trick" in s.shared)
             raise ConfigError(f"quantizer.rotation_trick applies to {users}, not to {self.name}; remove it")
@@ -72,14 +72,14 @@ class QuantizerConfig(_QuantizerFields):
                 setting.check(getattr(self, setting.name))
         if spec.check is not None:
             spec.check(self)
-        self.__dict__["_validated_values"] = dataclasses.astuple(self)  # see build_quantizer
+        self._validated_values = dataclasses.astuple(self)  # not a field: see build_quantizer
 
     @property
     def resolved_beta(self) -> float:
         """quantizer.beta, or the chosen quantizer's own default when it is unset."""
         if self.beta is not None:
             return self.beta
-        default = SPECS[self.name].default_beta
+        default = self.spec.default_beta
         return 0.0 if default is None else default
 
     @property
@@ -91,7 +91,7 @@ def build_quantizer(cfg, embedding_dim: int, num_positions: int, data_dim: int |
     """The quantizer `cfg` names. `data_dim` (channels x height x width of an image) is needed by sqvae only."""
     # A QuantizerConfig built or changed in code has not been through from_dict's check: check it before a quantizer
     # exists. One that has, with the same values, is not checked again (a job builds its quantizer more than once).
-    if cfg.__dict__.get("_validated_values") != dataclasses.astuple(cfg):
+    if getattr(cfg, "_validated_values", None) != dataclasses.astuple(cfg):
         cfg.validate()
     if cfg.name == "sqvae" and data_dim is None:
         raise ValueError("the sqvae quantizer needs data_dim (pixels per image) to weight its ELBO terms")

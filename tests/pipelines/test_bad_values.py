@@ -1,20 +1,14 @@
 """Every bad value a user can type ends in one line (`error: ...`, exit 2), never a traceback, before
 any output is written. The jobs' main() run in-process under the same run_cli the command line uses."""
+from functools import partial
+
 import pytest
-from helpers import write_code_set
+from helpers import in_process_error, write_code_set
 
-from pipelines import sample, train_prior, train_tokenizer
 from configio.cli import run_cli
+from pipelines import sample, train_prior, train_tokenizer
 
-
-def one_line_error(main, argv, capsys, fragment):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main([str(a) for a in argv]))
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert exit_info.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
-    assert "Traceback" not in err
+one_line_error = partial(in_process_error, alone=True)  # before any work: the error is all a job prints
 
 
 TOKENIZER_CASES = [
